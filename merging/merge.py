@@ -1,0 +1,193 @@
+"""merge(): run a method over every module of a set of adapters; compress(): lower an adapter's rank."""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Callable, Sequence
+
+import torch
+
+from merging.adapter import LoraAdapter, LoraModule
+from merging.errors import IncompatibleAdaptersError, InvalidMergeOptions, NonFiniteResultError
+from merging.factors import difference_sq, frobenius_sq, stack_factors, truncated_svd
+from merging.methods.common import ModuleInputs
+from merging.methods.svd import merge_svd
+from merging.registry import get_method, validate_options
+
+
+PRUNING_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+@dataclass
+class MergeResult:
+    adapter: LoraAdapter
+    info: dict
+
+
+def check_compatible(adapters: Sequence[LoraAdapter], names: Sequence[str], *, check_base_model: bool = True):
+    """Raise IncompatibleAdaptersError listing every conflict: different base models (compared by
+    their last path component) or different shapes for the same module."""
+    problems = []
+    if check_base_model:
+        bases = {n: PurePath(a.base_model).name.lower() for n, a in zip(names, adapters) if a.base_model}
+        if len(set(bases.values())) > 1:
+            listing = ", ".join(f"{n}: {b}" for n, b in bases.items())
+            problems.append(f"adapters were trained on different base models ({listing})")
+    shapes: dict[str, tuple] = {}
+    for name, adapter in zip(names, adapters):
+        for module, lora in adapter.modules.items():
+            shape = (lora.out_features, lora.in_features)
+            first = shapes.setdefault(module, (shape, name))
+            if first[0] != shape:
+                problems.append(f"module {module!r} is {first[0]} in {first[1]!r} but {shape} in {name!r}")
+    if problems:
+        raise IncompatibleAdaptersError("adapters cannot be combined: " + "; ".join(problems))
+
+
+def _check_weights(weights: Sequence[float], num_adapters: int) -> list[float]:
+    if len(weights) != num_adapters:
+        raise InvalidMergeOptions(f"{len(weights)} weights for {num_adapters} adapters", param="weights")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise InvalidMergeOptions(f"weight {w!r} is not a finite number", param="weights")
+    return [float(w) for w in weights]
+
+
+def _resolve_rank(method: str, rank: int | None, adapters: Sequence[LoraAdapter]) -> int | None:
+    spec = get_method(method)
+    if rank is None:
+        return max(a.max_rank for a in adapters) if spec.takes_rank else None
+    if not spec.takes_rank:
+        raise InvalidMergeOptions(
+            f"{method} has no target rank (its rank follows from its inputs); use svd or lego for rank k",
+            param="rank",
+        )
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidMergeOptions(f"rank must be a positive integer, got {rank!r}", param="rank")
+    return rank
+
+
+def _module_inputs(module, adapters, weights, dtype) -> ModuleInputs:
+    picked = [(a.modules[module], w) for a, w in zip(adapters, weights) if module in a.modules]
+    return ModuleInputs(
+        module,
+        [m.lora_a.to(dtype) for m, _ in picked],
+        [m.lora_b.to(dtype) for m, _ in picked],
+        [w for _, w in picked],
+        [m.scaling for m, _ in picked],
+    )
+
+
+def _generator(seed: int, module: str) -> torch.Generator:
+    """Per-module generator: results do not depend on the order modules are visited in."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
+
+
+def merge(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None = None,
+    method: str = "cat",
+    rank: int | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    options: dict | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    check_base_model: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> MergeResult:
+    """Merge `adapters` with `weights` (default: equal, summing to 1) by `method`.
+
+    Returns the merged adapter (scaling 1 per module, factors in `compute_dtype`, saved in the
+    inputs' dtype) and an info dict: method, rank, options, seconds, num_modules and
+    relative_error = ||ΔW_merged - Σ w_i ΔW_i||_F / ||Σ w_i ΔW_i||_F over all modules (0 for exact
+    methods), plus compression_error for methods that compress a dense ΔW of their own.
+    """
+    started = time.perf_counter()
+    if not adapters:
+        raise InvalidMergeOptions("nothing to merge: no adapters given", param="skills")
+    names = list(names or [f"adapter {i}" for i in range(len(adapters))])
+    weights = _check_weights([1.0 / len(adapters)] * len(adapters) if weights is None else weights, len(adapters))
+    spec = get_method(method)
+    opts = validate_options(method, options)
+    check_compatible(adapters, names, check_base_model=check_base_model)
+    # A zero weight means "absent": it must not vote in TIES' sign election or count in its mean.
+    kept = [i for i, w in enumerate(weights) if w != 0.0]
+    if not kept:
+        raise InvalidMergeOptions("every weight is zero: nothing to merge", param="weights")
+    adapters, weights = [adapters[i] for i in kept], [weights[i] for i in kept]
+    target_rank = _resolve_rank(method, rank, adapters)
+    fn = spec.fn
+    if len(adapters) == 1 and spec.name in PRUNING_METHODS:
+        fn = merge_svd  # one adapter has no interference to resolve: weighted pass-through
+
+    modules: dict[str, LoraModule] = {}
+    sums = {"exact": 0.0, "error": 0.0, "target": 0.0, "residual": 0.0}
+    for module in sorted({m for a in adapters for m in a.modules}):
+        inputs = _module_inputs(module, adapters, weights, compute_dtype)
+        extra = {"generator": _generator(opts["seed"], module)} if spec.uses_seed else {}
+        out = fn(inputs, target_rank, **opts, **extra)
+        if not (torch.isfinite(out.lora_a).all() and torch.isfinite(out.lora_b).all()):
+            raise NonFiniteResultError(f"{method} produced non-finite values in module {module!r}")
+        exact_b, exact_a = stack_factors(inputs.lora_bs, inputs.lora_as, inputs.coefs)
+        sums["exact"] += frobenius_sq(exact_b, exact_a)
+        if not spec.exact:
+            sums["error"] += difference_sq(out.lora_b, out.lora_a, exact_b, exact_a)
+        if out.target_sq is not None:
+            sums["target"] += out.target_sq
+            sums["residual"] += out.residual_sq
+        modules[module] = LoraModule(out.lora_a.contiguous(), out.lora_b.contiguous(), 1.0)
+        if progress:
+            progress(module)
+
+    dtypes = {a.dtype for a in adapters}
+    merged = LoraAdapter(modules, adapters[0].base_model, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    info = {
+        "method": method,
+        "rank": merged.max_rank,
+        "options": opts,
+        "weights": weights,
+        "num_modules": len(modules),
+        "exact": spec.exact,
+        "relative_error": _ratio(sums["error"], sums["exact"]),
+        "seconds": time.perf_counter() - started,
+    }
+    if sums["target"] > 0:
+        info["compression_error"] = _ratio(sums["residual"], sums["target"])
+    return MergeResult(merged, info)
+
+
+def _ratio(error_sq: float, total_sq: float) -> float:
+    return math.sqrt(error_sq / total_sq) if total_sq > 0 else 0.0
+
+
+def compress(adapter: LoraAdapter, rank: int) -> MergeResult:
+    """Lower every module above `rank` to its optimal rank-`rank` truncation (factored SVD).
+
+    info: rank, original_rank, relative_error (of ΔW, over all modules), seconds, compressed.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidMergeOptions(f"rank must be a positive integer, got {rank!r}", param="rank")
+    started = time.perf_counter()
+    modules, total_sq, error_sq = {}, 0.0, 0.0
+    for name, lora in adapter.modules.items():
+        lora_b = lora.lora_b.float() * lora.scaling
+        lora_a = lora.lora_a.float()
+        total_sq += frobenius_sq(lora_b, lora_a)
+        if lora.rank > rank:
+            new_b, new_a, singular = truncated_svd(lora_b, lora_a, rank)
+            error_sq += float(singular[rank:].double().pow(2).sum())
+            lora_b, lora_a = new_b, new_a
+        modules[name] = LoraModule(lora_a.contiguous(), lora_b.contiguous(), 1.0)
+    result = LoraAdapter(modules, adapter.base_model, adapter.dtype, dict(adapter.extra_config))
+    info = {
+        "rank": result.max_rank,
+        "original_rank": adapter.max_rank,
+        "compressed": adapter.max_rank > rank,
+        "relative_error": _ratio(error_sq, total_sq),
+        "seconds": time.perf_counter() - started,
+    }
+    return MergeResult(result, info)

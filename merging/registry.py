@@ -1,0 +1,132 @@
+"""Merge methods by name, their options, and option validation (one place, every problem at once)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from merging.errors import InvalidMergeOptions
+from merging.methods.cat import merge_cat
+from merging.methods.delta import merge_dare_linear, merge_dare_ties, merge_magnitude_prune, merge_ties
+from merging.methods.lego import merge_lego
+from merging.methods.linear import merge_linear
+from merging.methods.svd import merge_svd
+
+MERGE_ALGORITHM_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """A method option: its type, default, and allowed values or range."""
+
+    kind: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+
+    def check(self, value: Any) -> str | None:
+        """None when `value` is valid, else what is wrong with it."""
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.kind) or isinstance(value, bool) and self.kind is not bool:
+            return f"must be {self.kind.__name__}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}"
+        if self.kind is float and not math.isfinite(value):
+            return "must be finite"
+        too_small = self.minimum is not None and (
+            value <= self.minimum if self.exclusive_minimum else value < self.minimum
+        )
+        if too_small or (self.maximum is not None and value > self.maximum):
+            low = "(" if self.exclusive_minimum else "["
+            return f"must be in {low}{self.minimum}, {self.maximum}]"
+        return None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method: the per-module function, whether it takes a target rank, its options."""
+
+    name: str
+    fn: Callable
+    doc: str
+    takes_rank: bool
+    exact: bool
+    options: dict[str, OptionSpec] = field(default_factory=dict)
+    uses_seed: bool = False
+
+
+_DENSITY = OptionSpec(float, 0.5, "fraction of ΔW entries kept", minimum=0.0, maximum=1.0, exclusive_minimum=True)
+_SIGN = OptionSpec(str, "total", "sign election: sum of values or count of signs", choices=("total", "frequency"))
+_SEED = OptionSpec(int, 0, "random seed (deterministic results for a seed)", minimum=0)
+
+METHODS: dict[str, MethodSpec] = {
+    "cat": MethodSpec("cat", merge_cat, "exact weighted sum by concatenation; rank Σ r_i", False, True),
+    "svd": MethodSpec("svd", merge_svd, "exact weighted sum truncated to rank k (optimal)", True, False),
+    "lego": MethodSpec(
+        "lego",
+        merge_lego,
+        "LoRA-LEGO: k-means over rank-1 units, dual reweighting",
+        True,
+        False,
+        {
+            "features": OptionSpec(str, "direction", "clustering features", choices=("direction", "raw")),
+            "param_reweight": OptionSpec(str, "l2", "centroid norm rescale", choices=("l2", "maxabs", "none")),
+            "output_reweight": OptionSpec(str, "none", "output scale sqrt(r/k)", choices=("sqrt", "none")),
+            "seed": _SEED,
+            "max_iter": OptionSpec(int, 100, "k-means iterations at most", minimum=1, maximum=10_000),
+        },
+        uses_seed=True,
+    ),
+    "linear": MethodSpec("linear", merge_linear, "peft-compatible factor averaging (cross terms)", False, False),
+    "ties": MethodSpec(
+        "ties", merge_ties, "TIES on ΔW, then rank k", True, False, {"density": _DENSITY, "majority_sign_method": _SIGN}
+    ),
+    "dare_linear": MethodSpec(
+        "dare_linear", merge_dare_linear, "DARE + sum on ΔW, then rank k", True, False,
+        {"density": _DENSITY, "seed": _SEED}, uses_seed=True,
+    ),
+    "dare_ties": MethodSpec(
+        "dare_ties", merge_dare_ties, "DARE + TIES on ΔW, then rank k", True, False,
+        {"density": _DENSITY, "majority_sign_method": _SIGN, "seed": _SEED}, uses_seed=True,
+    ),
+    "magnitude_prune": MethodSpec(
+        "magnitude_prune", merge_magnitude_prune, "magnitude pruning + sum on ΔW, then rank k", True, False,
+        {"density": _DENSITY},
+    ),
+}
+
+
+def get_method(method: str) -> MethodSpec:
+    if method not in METHODS:
+        raise InvalidMergeOptions(
+            f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}", param="method"
+        )
+    return METHODS[method]
+
+
+def validate_options(method: str, options: dict | None) -> dict:
+    """Options with defaults filled in; raises InvalidMergeOptions naming the first bad option
+    and listing every problem. Integers given for float options become floats."""
+    spec = get_method(method)
+    options = dict(options or {})
+    problems, first = [], None
+    for name in sorted(set(options) - set(spec.options)):
+        allowed = ", ".join(spec.options) or "none"
+        problems.append(f"unknown option {name!r} for {method} (allowed: {allowed})")
+        first = first or name
+    for name, option in spec.options.items():
+        if name in options:
+            error = option.check(options[name])
+            if error:
+                problems.append(f"option {name!r} {error}")
+                first = first or name
+            elif option.kind is float:
+                options[name] = float(options[name])
+    if problems:
+        raise InvalidMergeOptions("; ".join(problems), param=first)
+    return {name: options.get(name, option.default) for name, option in spec.options.items()}

@@ -1,0 +1,111 @@
+"""The engine interface: what the composition service needs from an inference engine.
+
+Two implementations: `local` (transformers + kernels/, the embedded default and the
+reference) and `vllm` (vLLM's AsyncLLM). The server tokenizes prompts itself (one tokenizer,
+one chat template) and hands the engine token ids; the engine streams token deltas back.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """A merged adapter as the engine sees it.
+
+    adapter_id: stable positive integer derived from the composition key (vLLM's lora_int_id).
+    name: the composition key (unique; vLLM's lora_name).
+    path: a PEFT adapter directory on disk (adapter_config.json + adapter_model.safetensors).
+    rank: the adapter's rank (already <= the engine's max_lora_rank).
+    """
+
+    adapter_id: int
+    name: str
+    path: Path
+    rank: int
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request sampling settings (OpenAI semantics). temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationDelta:
+    """One step of a generation stream.
+
+    text: newly decoded text since the previous delta (stop strings already cut off).
+    token_ids: the new token ids.
+    finish_reason: None while running, then "stop" (EOS or a stop string) or "length".
+    num_prompt_tokens / num_output_tokens: running totals, for `usage`.
+    """
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class EngineError(RuntimeError):
+    """An engine failed to do what was asked (not a client error)."""
+
+
+class Engine(abc.ABC):
+    """Inference engine with per-request LoRA adapters.
+
+    Contract:
+    - `start()` loads the model; `shutdown()` frees it. Both idempotent.
+    - `add_adapter(handle)` makes the adapter usable by `generate`; adding an id that is
+      already present is a no-op. `remove_adapter(id)` forgets it (no-op if absent).
+      An engine may evict adapters on its own (LRU over its slots) and reload them from
+      `handle.path` when a request names them again.
+    - `generate(...)` yields GenerationDelta objects; the last one has finish_reason set.
+      Requests with different adapters run concurrently in the same batch.
+    - `abort(request_id)` stops a running generation (client disconnected).
+    """
+
+    name: str = "engine"
+
+    @property
+    @abc.abstractmethod
+    def max_lora_rank(self) -> int: ...
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abc.abstractmethod
+    async def add_adapter(self, handle: AdapterHandle) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_adapter(self, adapter_id: int) -> None: ...
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingOptions,
+        adapter: AdapterHandle | None = None,
+    ) -> AsyncIterator[GenerationDelta]: ...
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    def health(self) -> dict:
+        """A small JSON-able status dict (engine name, loaded adapters, queue length...)."""
+        return {"engine": self.name}
