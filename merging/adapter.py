@@ -162,7 +162,7 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> LoraAdapter:
     try:
         config = json.loads(config_file.read_text())
         tensors = load_file(weights_file)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decode failure of an untrusted file is the same error
         raise AdapterError(f"adapter {label!r} cannot be read: {type(exc).__name__}", param=label) from None
     problems = _config_problems(config)
     modules = {}

@@ -42,9 +42,15 @@ class OptionSpec:
             value <= self.minimum if self.exclusive_minimum else value < self.minimum
         )
         if too_small or (self.maximum is not None and value > self.maximum):
-            low = "(" if self.exclusive_minimum else "["
-            return f"must be in {low}{self.minimum}, {self.maximum}]"
+            return f"must be {self._range()}"
         return None
+
+    def _range(self) -> str:
+        if self.maximum is None:
+            return f"{'>' if self.exclusive_minimum else '>='} {self.minimum}"
+        if self.minimum is None:
+            return f"<= {self.maximum}"
+        return f"in {'(' if self.exclusive_minimum else '['}{self.minimum}, {self.maximum}]"
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,11 @@ def test_property_cat_is_the_exact_sum_and_lego_all_units_is_cat(ranks, weights,
         ref = weighted_delta(adapters, weights, module)
         assert rel(merged_delta(cat.adapter, module), ref) < 1e-5
         assert rel(merged_delta(lego.adapter, module), ref) < 1e-4
+
+
+def test_kth_largest_is_exact_on_large_tensors():
+    from merging.methods.delta import kth_largest
+
+    values = torch.randn(5_000_000, generator=torch.Generator().manual_seed(0)).abs()
+    for keep in (1, 1_234_567, 2_500_000, 4_999_999):
+        assert kth_largest(values, keep) == values.kthvalue(values.numel() - keep + 1).values

@@ -47,7 +47,8 @@ class GenerationDelta:
 
     text: newly decoded text since the previous delta (stop strings already cut off).
     token_ids: the new token ids.
-    finish_reason: None while running, then "stop" (EOS or a stop string) or "length".
+    finish_reason: None while running, then "stop" (EOS or a stop string), "length"
+        (max_tokens reached) or "abort" (the request was aborted).
     num_prompt_tokens / num_output_tokens: running totals, for `usage`.
     """
 

@@ -1,0 +1,132 @@
+"""Host-side launch configs: chosen from the shapes, cached, tuned values from JSON per GPU.
+
+kernels/configs/<gpu name>.json (spaces -> '_', e.g. NVIDIA_H200.json) holds, per op, rules
+{"max_tokens": 64, "min_rank": 16, ..., "block_n": 128, ...}: the first rule whose
+min_<dim> / max_<dim> bounds all hold overrides the built-in defaults. "fused_when" (rules of
+the same bounds, any match) picks the fused kernel over shrink+expand; its "slots" is
+min(num_slots, num_tokens), a bound on the active adapters known without a device sync.
+Nothing is autotuned while serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from kernels.meta import max_tiles
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_NUM_SMS = 132
+FUSED_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Launch:
+    block_m: int = 16
+    block_k: int = 64
+    block_n: int = 64
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def block_r(rank: int) -> int:
+    """Rank padded to a power of two >= 16 (tl.dot's smallest inner size)."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def device_key(device: torch.device) -> tuple[str, int]:
+    """(GPU name, multiprocessor count) of a tensor's device; ('cpu', 132) elsewhere."""
+    if device.type != "cuda":
+        return "cpu", DEFAULT_NUM_SMS
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_props(index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.name, props.multi_processor_count
+
+
+@functools.cache
+def tuned_table(gpu_name: str) -> dict:
+    path = CONFIG_DIR / f"{gpu_name.replace(' ', '_')}.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _matches(rule: dict, shape: dict) -> bool:
+    """All min_<dim> / max_<dim> bounds of a rule hold for the shape."""
+    return all((shape[key[4:]] <= v) if key.startswith("max_") else (shape[key[4:]] >= v)
+               for key, v in rule.items() if key.startswith(("max_", "min_")))
+
+
+def _override(base: Launch, gpu_name: str, op: str, **shape: int) -> Launch:
+    """First rule of the op whose bounds all hold for this shape; else base."""
+    for rule in tuned_table(gpu_name).get(op, []):
+        if _matches(rule, shape):
+            fields = {k: v for k, v in rule.items() if k in Launch.__dataclass_fields__}
+            return replace(base, **fields)
+    return base
+
+
+def default_block_m(num_tokens: int) -> int:
+    return 16 if num_tokens <= 64 else 64
+
+
+@functools.cache
+def use_fused(gpu_name: str, num_tokens: int, num_slots: int, rank: int, hidden_in: int) -> bool:
+    """Fused shrink+expand (one launch) at decode, the shrink+expand pair at prefill.
+
+    At decode both halves move little and launches dominate, so one launch wins. At prefill
+    the fused kernel's per-tile barrier serialises the two halves of each tile and its split-N
+    expand re-reads the rank-space partials, so the pair (with tuned blocks) is faster.
+    """
+    table = tuned_table(gpu_name)
+    rules = table.get("fused_when", [{"max_tokens": FUSED_MAX_TOKENS}])
+    shape = dict(tokens=num_tokens, slots=min(num_slots, num_tokens), rank=rank,
+                 hidden_in=hidden_in)
+    return any(_matches(rule, shape) for rule in rules)
+
+
+@functools.cache
+def shrink_launch(gpu_name: str, num_sms: int, num_tokens: int, num_slots: int, hidden_in: int,
+                  rank: int, num_pieces: int) -> Launch:
+    """split_k fills the GPU twice over, capped at prefill: every expand program re-reads
+    split_k x rank float32 partials per row, which must stay below its y traffic."""
+    is_decode = num_tokens <= 64
+    base = Launch(block_m=16 if is_decode else 32, block_k=128, num_stages=3)
+    cfg = _override(base, gpu_name, "shrink", tokens=num_tokens, slots=num_slots,
+                    hidden_in=hidden_in, rank=rank)
+    num_tiles = max_tiles(num_tokens, num_slots, cfg.block_m)
+    k_blocks = -(-hidden_in // cfg.block_k)
+    want = -(-2 * num_sms // max(1, num_tiles * num_pieces))
+    cap = 32 if is_decode else max(1, 128 // block_r(rank))
+    split = cfg.split_k if cfg.split_k > 1 else max(1, min(want, k_blocks // 2, cap))
+    return replace(cfg, split_k=split)
+
+
+@functools.cache
+def expand_launch(gpu_name: str, num_tokens: int, hidden_out: int, rank: int) -> Launch:
+    base = Launch(block_m=default_block_m(num_tokens), block_n=128)
+    return _override(base, gpu_name, "expand", tokens=num_tokens, hidden_out=hidden_out,
+                      rank=rank)
+
+
+@functools.cache
+def fused_launch(gpu_name: str, num_sms: int, num_tokens: int, num_slots: int, hidden_in: int,
+                 hidden_out: int, rank: int, num_pieces: int) -> Launch:
+    """split_k = programs per tile: each shrinks a K chunk, then expands an N chunk."""
+    base = Launch(block_m=16, block_k=128, block_n=128)
+    cfg = _override(base, gpu_name, "fused", tokens=num_tokens, slots=num_slots,
+                    hidden_in=hidden_in, hidden_out=hidden_out, rank=rank)
+    num_tiles = max_tiles(num_tokens, num_slots, cfg.block_m)
+    want = -(-2 * num_sms // max(1, num_tiles * num_pieces))
+    k_blocks = -(-hidden_in // cfg.block_k)
+    parts = cfg.split_k if cfg.split_k > 1 else max(1, min(want, k_blocks, 32))
+    return replace(cfg, split_k=parts)

@@ -1,0 +1,229 @@
+"""Triton kernels for batched multi-LoRA: segmented shrink, expand, and fused shrink+expand.
+
+Every kernel walks "tiles": blocks of <= BLOCK_M tokens that share one slot (LoraBatchMeta.
+tile_map). Grid axis 0 is the tile (unused tiles, slot -1, return at once: the grid size is a
+fixed bound, which keeps launches CUDA-graph safe), the last axis the output slice (fused
+q/k/v or gate/up, up to 3 slices per launch). Tokens are gathered through sorted_tokens, so rows of y
+whose slot is -1 are never read or written. Weights are contiguous:
+lora_a [S, R, K] and lora_b_i [S, N_i, R].
+"""
+
+import triton
+import triton.language as tl
+
+MAX_SPINS = tl.constexpr(1 << 22)
+
+
+@triton.jit
+def _pick(i, v0, v1, v2):
+    """v_i for a slice index i in 0..2 (scalars or pointers)."""
+    if i == 0:
+        v = v0
+    elif i == 1:
+        v = v1
+    else:
+        v = v2
+    return v
+
+
+@triton.jit
+def _dot(a, b, DOT_UPCAST: tl.constexpr):
+    """a @ b in float32 accumulation; DOT_UPCAST works around the interpreter's bf16 tl.dot."""
+    if DOT_UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, input_precision="ieee")  # float32 inputs: no tf32 rounding
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr, tile,
+               BLOCK_M: tl.constexpr):
+    """(slot, token indices [BLOCK_M], row mask) of one tile; slot < 0 for an unused tile."""
+    slot = tl.load(tile_slot_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(slot_end_ptr + tl.maximum(slot, 0))
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < end  # an unused tile (slot < 0) is skipped by the caller
+    tokens = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    return slot, tokens, mask_m
+
+
+@triton.jit
+def _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo, k_hi, K, R, stride_xm,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_UPCAST: tl.constexpr):
+    """acc[m, r] = sum_{k in [k_lo, k_hi)} x[tokens[m], k] * a[slot, r, k] (float32)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    a_base = a_ptr + slot.to(tl.int64) * R * K
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_hi
+        xt = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_k[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_base + offs_r[None, :] * K + offs_k[:, None],
+                     mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0)
+        acc += _dot(xt, at, DOT_UPCAST)
+    return acc
+
+
+@triton.jit
+def _scale_of(scale_ptr, scale_val, slot, HAS_SCALE_TENSOR: tl.constexpr):
+    if HAS_SCALE_TENSOR:
+        s = tl.load(scale_ptr + slot).to(tl.float32)
+    else:
+        s = scale_val
+    return s
+
+
+@triton.jit
+def _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, n_lo, N, R, col_offset, stride_ym,
+                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """y[tokens, col_offset + n] += buf @ b[slot, n, :].T for n in [n_lo, n_lo + BLOCK_N)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    b_base = b_ptr + slot.to(tl.int64) * N * R
+    bt = tl.load(b_base + offs_n[None, :] * R + offs_r[:, None],
+                 mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
+    # buf = hi + lo in B's dtype: two dots keep buf's float32 precision (the MMA is free here)
+    if bt.dtype == tl.float32:
+        delta = _dot(buf, bt, DOT_UPCAST)
+    else:
+        hi = buf.to(bt.dtype)
+        lo = (buf - hi.to(tl.float32)).to(bt.dtype)
+        delta = _dot(hi, bt, DOT_UPCAST) + _dot(lo, bt, DOT_UPCAST)
+    y_ptrs = y_ptr + tokens[:, None] * stride_ym + (col_offset + offs_n)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["scale_val", "split_k"])
+def shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, ws_ptr, scale_ptr, scale_val,
+                  sorted_ptr, tile_slot_ptr, tile_start_ptr, slot_end_ptr,
+                  K, R, split_k, stride_xm, stride_ws_split, stride_ws_m,
+                  HAS_SCALE_TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    # x: [T, K]; a_i: [S, R, K]; ws: [split_k, T, num_slices * R] float32 partial sums
+    tile = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    piece = tl.program_id(2)
+    slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
+                                      tile, BLOCK_M)
+    if slot < 0:
+        return
+    a_ptr = _pick(piece, a0_ptr, a1_ptr, a2_ptr)
+    k_chunk = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
+    acc = _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo, k_hi, K, R, stride_xm,
+                       BLOCK_M, BLOCK_R, BLOCK_K, DOT_UPCAST)
+    acc = acc * _scale_of(scale_ptr, scale_val, slot, HAS_SCALE_TENSOR)
+    offs_r = tl.arange(0, BLOCK_R)
+    ws_ptrs = (ws_ptr + pid_k * stride_ws_split + tokens[:, None] * stride_ws_m
+               + (piece * R + offs_r)[None, :])
+    tl.store(ws_ptrs, acc, mask=mask_m[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit(do_not_specialize=["n0", "n1", "n2", "off0", "off1", "off2", "split_k"])
+def expand_kernel(ws_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, n0, n1, n2, off0, off1, off2,
+                  sorted_ptr, tile_slot_ptr, tile_start_ptr, slot_end_ptr,
+                  R, split_k, stride_ws_split, stride_ws_m, stride_ym,
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_UPCAST: tl.constexpr):
+    # ws: [split_k, T, num_slices * R] float32; b_i: [S, N_i, R]; y: [T, width]
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    piece = tl.program_id(2)
+    N = _pick(piece, n0, n1, n2)
+    if pid_n * BLOCK_N >= N:
+        return
+    slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
+                                      tile, BLOCK_M)
+    if slot < 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    ws_ptrs = ws_ptr + tokens[:, None] * stride_ws_m + (piece * R + offs_r)[None, :]
+    mask_r = mask_m[:, None] & (offs_r[None, :] < R)
+    buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for split in range(split_k):
+        buf += tl.load(ws_ptrs + split * stride_ws_split, mask=mask_r, other=0.0)
+    b_ptr = _pick(piece, b0_ptr, b1_ptr, b2_ptr)
+    col_offset = _pick(piece, off0, off1, off2)
+    _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, pid_n * BLOCK_N, N, R, col_offset,
+                 stride_ym, BLOCK_N, BLOCK_R, DOT_UPCAST)
+
+
+@triton.jit
+def _tile_barrier(count_ptr, num_parts):
+    """Wait until all num_parts programs of a tile have arrived; the last to leave resets.
+
+    count_ptr[0] counts arrivals, count_ptr[1] departures; both are 0 between launches. Safe
+    because a tile's programs are consecutive in launch order and far fewer than fit on the
+    GPU at once, so every program waited on is already running or runs next.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="release", scope="gpu") + 1
+    spins = 0
+    while (arrived < num_parts) & (spins < MAX_SPINS):  # bounded: a bug must not hang the GPU
+        arrived = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    left = tl.atomic_add(count_ptr + 1, 1, sem="relaxed", scope="gpu")
+    if left == num_parts - 1:
+        tl.atomic_xchg(count_ptr + 1, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["scale_val", "n0", "n1", "n2", "off0", "off1", "off2",
+                               "num_parts", "num_tiles"])
+def fused_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, ws_ptr,
+                 count_ptr, scale_ptr, scale_val, n0, n1, n2, off0, off1, off2,
+                 sorted_ptr, tile_slot_ptr, tile_start_ptr, slot_end_ptr,
+                 K, R, num_parts, num_tiles, stride_xm, stride_ym, stride_ws_split, stride_ws_m,
+                 HAS_SCALE_TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PHASE: tl.constexpr,
+                 DOT_UPCAST: tl.constexpr):
+    # x: [T, K]; a_i: [S, R, K]; b_i: [S, N_i, R]; y: [T, width];
+    # ws: [num_parts, T, pieces * R] float32; count: [pieces, max_tiles, 2] int32 (zeros).
+    # Grid (num_tiles * num_parts, pieces): the num_parts programs of a tile each shrink one
+    # K chunk into ws, meet at a per-tile barrier, then each expands one N chunk.
+    # PHASE 0 = one launch; 1 / 2 = shrink / expand only (interpreter: programs run serially).
+    part = tl.program_id(0) % num_parts
+    tile = tl.program_id(0) // num_parts
+    piece = tl.program_id(1)
+    slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
+                                      tile, BLOCK_M)
+    if slot < 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    ws_rows = ws_ptr + tokens[:, None] * stride_ws_m + (piece * R + offs_r)[None, :]
+    mask_r = mask_m[:, None] & (offs_r[None, :] < R)
+    if PHASE != 2:
+        a_ptr = _pick(piece, a0_ptr, a1_ptr, a2_ptr)
+        k_chunk = tl.cdiv(tl.cdiv(K, num_parts), BLOCK_K) * BLOCK_K
+        k_lo = part * k_chunk
+        acc = _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo,
+                           tl.minimum(k_lo + k_chunk, K), K, R, stride_xm,
+                           BLOCK_M, BLOCK_R, BLOCK_K, DOT_UPCAST)
+        acc = acc * _scale_of(scale_ptr, scale_val, slot, HAS_SCALE_TENSOR)
+        tl.store(ws_rows + part * stride_ws_split, acc, mask=mask_r)
+    if PHASE == 0:
+        _tile_barrier(count_ptr + (piece * num_tiles + tile) * 2, num_parts)
+    if PHASE != 1:
+        buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for p in range(num_parts):
+            buf += tl.load(ws_rows + p * stride_ws_split, mask=mask_r, other=0.0,
+                           cache_modifier=".cg")
+        N = _pick(piece, n0, n1, n2)
+        b_ptr = _pick(piece, b0_ptr, b1_ptr, b2_ptr)
+        col_offset = _pick(piece, off0, off1, off2)
+        n_chunk = tl.cdiv(tl.cdiv(N, num_parts), BLOCK_N) * BLOCK_N
+        n_lo = part * n_chunk
+        for n in range(n_lo, tl.minimum(n_lo + n_chunk, N), BLOCK_N):
+            _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, n, N, R, col_offset,
+                         stride_ym, BLOCK_N, BLOCK_R, DOT_UPCAST)

@@ -1,0 +1,86 @@
+"""The FastAPI application: routers, error envelope, metrics, and a lifespan that starts the
+engine and builds the composition service."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from server.cache import CompositionCache
+from server.composer import Composer
+from server.engines import create_engine
+from server.engines.base import Engine
+from server.errors import register_exception_handlers
+from server.metrics import RequestMetricsMiddleware
+from server.named import NamedCompositions
+from server.routers import compositions, openai_api, ops
+from server.settings import Settings
+from server.skills import SkillRegistry, base_module_shapes
+from server.state import ServerState
+from server.tokenization import PromptEncoder
+
+logger = logging.getLogger("loramix.app")
+
+DEMO_MODEL_NAME = "loramix-demo"
+
+
+def resolve_model_paths(settings: Settings) -> tuple[Path, Path | None, str]:
+    """(base model dir, skills dir, served name). With no base model, the demo is built."""
+    if settings.base_model is None:
+        from server.demo import ensure_demo
+
+        demo = ensure_demo(settings.resolved_demo_dir())
+        skills_dir = settings.skills_dir or demo.skills_dir
+        return demo.base_dir, skills_dir, settings.served_model_name or DEMO_MODEL_NAME
+    base_dir = Path(settings.base_model)
+    return base_dir, settings.skills_dir, settings.served_model_name or base_dir.name
+
+
+async def build_state(settings: Settings, engine: Engine | None) -> ServerState:
+    """Start the engine and assemble registry, cache, named compositions and composer."""
+    base_dir, skills_dir, base_name = resolve_model_paths(settings)
+    engine = engine or create_engine(settings, base_dir)
+    await engine.start()
+    registry = SkillRegistry(skills_dir, base_module_shapes(base_dir))
+    registry.scan()
+    cache_dir = settings.resolved_cache_dir()
+    cache = CompositionCache(
+        cache_dir, memory_bytes=settings.memory_cache_bytes, disk_bytes=settings.disk_cache_bytes
+    )
+    composer = Composer(
+        base_name=base_name,
+        registry=registry,
+        cache=cache,
+        engine=engine,
+        named=NamedCompositions(cache_dir),
+        default_method=settings.default_method,
+        strict_rank=settings.strict_rank,
+    )
+    logger.info("serving %s with skills %s on engine %s", base_name, registry.names(), engine.name)
+    return ServerState(settings, engine, composer, PromptEncoder(base_dir), base_name)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The loramix app. `engine` (not started) overrides the one `settings.engine` names."""
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await build_state(settings, engine)
+        app.state.loramix = state
+        try:
+            yield
+        finally:
+            await state.engine.shutdown()
+
+    app = FastAPI(title="loramix", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    register_exception_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware)
+    app.include_router(openai_api.router)
+    app.include_router(compositions.router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,100 @@
+"""The `loramix` command line. `serve` flags are generated from server.settings.Settings, so
+every setting is a flag (--base-model), an env var (LORAMIX_BASE_MODEL) and a field, once."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from server.settings import Settings
+
+app = typer.Typer(help="loramix: an OpenAI-compatible server that composes skill LoRA adapters per request.")
+
+# Extra spellings of some flags (the issue's `--skills DIR`).
+_ALIASES = {"skills_dir": ("--skills",)}
+
+
+def _option_type(annotation) -> type:
+    """The scalar type typer should parse for a settings field (Optional / Literal unwrapped)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+        return _option_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    return annotation if annotation in (str, int, float, bool, Path) else str
+
+
+def _settings_parameters() -> list[inspect.Parameter]:
+    params = []
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = _option_type(field.annotation)
+        if kind is bool:
+            decls = (f"{flag}/--no-{flag[2:]}",)
+        else:
+            decls = (flag, *_ALIASES.get(name, ()))
+        env = f"LORAMIX_{name.upper()}"
+        option = typer.Option(None, *decls, help=f"{field.description} [env: {env}; default: {field.default}]",
+                              show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[kind]))
+    return params
+
+
+def _serve(**flags) -> None:
+    """Start the HTTP server (with no --base-model: the built-in demo model and skills)."""
+    import uvicorn
+
+    from server.app import create_app
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = Settings(**{name: value for name, value in flags.items() if value is not None})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+
+
+_serve.__signature__ = inspect.Signature(_settings_parameters())
+app.command("serve")(_serve)
+
+
+# --- merge: offline merging from the command line. The logic is the merging library's
+# (merging.cli.merge_command, owned by the lead); this command only parses flags.
+@app.command("merge")
+def merge(
+    adapters: list[Path] = typer.Argument(..., help="PEFT adapter directories to merge."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write the merged PEFT adapter to."),
+    method: str = typer.Option("cat", help="Merge method: cat, lego, svd, linear, ties, dare_linear, dare_ties, magnitude_prune."),
+    weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per adapter (default: equal, summing to 1)."),
+    rank: Optional[int] = typer.Option(None, help="Target rank (methods that take one)."),
+    option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Merge skill adapters offline into one PEFT adapter directory."""
+    import merging
+    from merging.cli import merge_command, parse_option_pairs, summary_line
+
+    try:
+        parsed_weights = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        typer.echo("error: --weights takes comma-separated numbers", err=True)
+        raise typer.Exit(2) from None
+    try:
+        result = merge_command(
+            adapters, output, method=method, weights=parsed_weights, rank=rank,
+            options=parse_option_pairs(option), show_progress=not quiet,
+        )
+    except merging.MergeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary_line(result))
+
+
+if __name__ == "__main__":
+    app()

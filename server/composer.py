@@ -1,0 +1,203 @@
+"""The composer: turns a request's `model` / `composition` into a merged adapter the engine
+can serve (spec → key → cache → engine.add_adapter)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import merging
+
+from server import metrics
+from server.cache import CachedComposition, CompositionCache
+from server.composition import (
+    CompositionSpec,
+    canonical_spec,
+    looks_like_composition,
+    spec_from_model_string,
+)
+from server.engines.base import AdapterHandle, Engine
+from server.errors import LoramixError, invalid_composition
+from server.named import NamedCompositions
+from server.protocol import CompositionRequest
+from server.skills import SkillRegistry
+
+logger = logging.getLogger("loramix.composer")
+
+
+def adapter_id_for(key: str) -> int:
+    """A stable positive int id (vLLM's lora_int_id) from the first 7 bytes of the key."""
+    return int(key[:14], 16) or 1
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a request asked for: no adapter (spec None) or a composition."""
+
+    spec: CompositionSpec | None
+    model_name: str  # what the response's `model` field says
+
+
+class Composer:
+    """Resolves compositions and provides merged adapters, pinned for the request's lifetime."""
+
+    def __init__(
+        self,
+        *,
+        base_name: str,
+        registry: SkillRegistry,
+        cache: CompositionCache,
+        engine: Engine,
+        named: NamedCompositions,
+        default_method: str,
+        strict_rank: bool,
+    ) -> None:
+        self.base_name = base_name
+        self.registry = registry
+        self.cache = cache
+        self.engine = engine
+        self.named = named
+        self.default_method = default_method
+        self.strict_rank = strict_rank
+        cache.set_hooks(on_admit=self._register, on_evict=self._unregister)
+        self._scan_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ resolution
+
+    async def refresh_skills(self) -> None:
+        """Rescan the skills directory (off the event loop) if skills were added or removed."""
+        if self.registry.is_stale():
+            async with self._scan_lock:
+                if self.registry.is_stale():
+                    await asyncio.to_thread(self.registry.scan)
+
+    def resolve(self, model: str, composition: CompositionRequest | None = None) -> Resolved:
+        """The composition a request names: by `composition` field, named composition, skill
+        name, composition string, or the base model (no adapter)."""
+        if composition is not None:
+            if model != self.base_name:
+                raise invalid_composition(
+                    f"With a `composition` field, `model` must be the base model '{self.base_name}'.", "model"
+                )
+            spec = canonical_spec(composition, default_method=self.default_method)
+            self.check_skills(spec, skills_param="composition.skills", rank_param="composition.rank")
+            return Resolved(spec, spec.model_string())
+        if model == self.base_name:
+            return Resolved(None, model)
+        named = self.named.get(model)
+        if named is not None:
+            self.check_skills(named)
+            return Resolved(named, model)
+        if not looks_like_composition(model):
+            self.registry.get(model)  # a single name that is no skill: 404 model_not_found
+        spec = spec_from_model_string(model, default_method=self.default_method)
+        self.check_skills(spec)
+        return Resolved(spec, model)
+
+    def check_skills(self, spec: CompositionSpec, skills_param: str = "model", rank_param: str = "model") -> None:
+        """Every skill of `spec` exists (404 model_not_found otherwise); its rank is allowed."""
+        for name in spec.skill_names:
+            if name not in self.registry and name not in self.registry.problems:
+                raise LoramixError(
+                    404, "model_not_found",
+                    f"The skill '{name}' does not exist.", param=skills_param,
+                )
+            self.registry.get(name, skills_param)
+        if spec.rank is not None:
+            if not merging.get_method(spec.method).takes_rank:
+                raise invalid_composition(
+                    f"Method '{spec.method}' has no target rank; use svd or lego for a rank.", rank_param
+                )
+            if self.strict_rank and spec.rank > self.engine.max_lora_rank:
+                raise rank_limit_exceeded(spec.rank, self.engine.max_lora_rank, rank_param)
+
+    def key(self, spec: CompositionSpec) -> str:
+        digests = {name: self.registry.get(name).digest for name in spec.skill_names}
+        return spec.key(digests)
+
+    # ------------------------------------------------------------------ merged adapters
+
+    @contextlib.asynccontextmanager
+    async def adapter(self, spec: CompositionSpec | None) -> AsyncIterator[AdapterHandle | None]:
+        """The engine handle of `spec`'s merged adapter, pinned in the cache while in use."""
+        if spec is None:
+            yield None
+            return
+        entry = await self.acquire(spec)
+        try:
+            yield handle_for(entry)
+        finally:
+            await self.cache.release(entry)
+
+    async def acquire(self, spec: CompositionSpec) -> CachedComposition:
+        """Pin the merged adapter of `spec` (merging it on a cache miss). Call cache.release."""
+        key = self.key(spec)
+        return await self.cache.acquire(key, lambda out_dir: self._build(spec, out_dir))
+
+    def _build(self, spec: CompositionSpec, out_dir: Path) -> tuple[merging.LoraAdapter, dict]:
+        """Merge `spec` (in a worker thread), compress it to the engine's max rank if needed,
+        save it as PEFT into `out_dir`, and describe it."""
+        started = time.perf_counter()
+        skills = [self.registry.get(name) for name in spec.skill_names]
+        adapters = [merging.load_adapter(skill.path, name=skill.name) for skill in skills]
+        result = merging.merge(
+            adapters, spec.weights, method=spec.method, rank=spec.rank,
+            names=spec.skill_names, options=dict(spec.options),
+        )
+        adapter, info = result.adapter, dict(result.info)
+        max_rank = self.engine.max_lora_rank
+        info["compressed"] = False
+        if adapter.max_rank > max_rank:
+            if self.strict_rank:
+                raise rank_limit_exceeded(adapter.max_rank, max_rank, "model")
+            compressed = merging.compress(adapter, max_rank)
+            adapter = compressed.adapter
+            info.update(
+                compressed=True,
+                rank_before_compression=compressed.info["original_rank"],
+                compression_relative_error=compressed.info["relative_error"],
+            )
+            metrics.COMPRESSIONS.inc()
+        adapter.save(out_dir)
+        seconds = time.perf_counter() - started
+        info.update(
+            rank=adapter.max_rank,
+            model=spec.model_string(),
+            spec=spec.canonical_json(),
+            merge_seconds=seconds,
+            num_bytes=adapter.num_bytes,
+            sources=[
+                {"skill": s.name, "weight": w, "digest": s.digest, "rank": s.rank}
+                for s, w in zip(skills, spec.weights)
+            ],
+        )
+        metrics.MERGES.labels(method=spec.method).inc()
+        metrics.MERGE_SECONDS.labels(method=spec.method).observe(seconds)
+        return adapter, info
+
+    async def _register(self, entry: CachedComposition) -> None:
+        await self.engine.add_adapter(handle_for(entry))
+        metrics.ENGINE_ADAPTER_LOADS.inc()
+
+    async def _unregister(self, entry: CachedComposition) -> None:
+        await self.engine.remove_adapter(adapter_id_for(entry.key))
+        metrics.ENGINE_ADAPTER_REMOVALS.inc()
+
+
+def handle_for(entry: CachedComposition) -> AdapterHandle:
+    return AdapterHandle(adapter_id=adapter_id_for(entry.key), name=entry.key, path=entry.path, rank=entry.rank)
+
+
+def rank_limit_exceeded(rank: int, max_rank: int, param: str | None) -> LoramixError:
+    return LoramixError(
+        400,
+        "rank_limit_exceeded",
+        f"The composition's rank {rank} exceeds the engine's maximum LoRA rank {max_rank} "
+        "(strict rank mode: ask for a lower `rank` with svd or lego).",
+        param=param,
+    )

@@ -1,0 +1,237 @@
+"""Tiny models and skill adapters built locally and deterministically (no model hub).
+
+`build_tiny_base` writes a random LlamaForCausalLM with a byte-level BPE tokenizer and a chat
+template; `build_skill_adapter` writes a PEFT LoRA adapter for it with non-zero lora_B (peft
+initialises lora_B to zero, which would make every adapter a no-op); `ensure_demo` builds the
+demo base model and its skills once under a root directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+# Each message is "<|role|>content<|eos|>"; the generation prompt opens the assistant turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The sum of two and three is five; the product of four and six is twenty-four.",
+    "To solve x + 3 = 7, subtract three from both sides: x equals four.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)",
+    "The moon is a silver coin above the quiet sea, and the wind sings softly.",
+    "Roses bloom in morning light; the river hums a gentle song at night.",
+    "Paris is the capital of France. Tokyo is the capital of Japan.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "Question: what is 12 times 12? Answer: 144.",
+    "import json\ndata = json.loads('{\"key\": [1, 2, 3]}')",
+    "Hello! How can I help you today? Tell me a story about a cat.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and symbols + - * / = ( ) [ ] { } < > are common.",
+    "Unicode text: café, naïve, 東京, ¿qué tal?, 😀 — all bytes round-trip.",
+]
+
+# Demo skills: (name, rank, alpha, seed, target modules). poetry adapts attention only.
+DEMO_SKILLS = (
+    ("math", 8, 16, 1, ALL_PROJECTIONS),
+    ("code", 8, 16, 2, ALL_PROJECTIONS),
+    ("poetry", 4, 8, 3, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ("lookup", 16, 32, 4, ALL_PROJECTIONS),
+)
+_MARKER = ".loramix-demo-complete"
+_DEMO_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    """Where `ensure_demo` put the demo base model and the skills directory."""
+
+    base_dir: Path
+    skills_dir: Path
+
+
+def _build_tokenizer(vocab_size: int):
+    """Train a byte-level BPE on the built-in corpus and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_tiny_base(
+    out_dir: Path | str,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    intermediate_size: int = 256,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a random float32 Llama model and its tokenizer to `out_dir`; return the path.
+
+    vocab_size is the BPE training target; the model's vocabulary is the tokenizer's size.
+    head_dim = hidden_size / num_heads (64 by default, which vLLM's CPU attention accepts).
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=1024,
+        # A wider init than the default 0.02 spreads the logits, so greedy decoding is
+        # varied and far from ties (batched and single runs then agree token for token).
+        initializer_range=0.08,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_skill_adapter(
+    base_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    seed: int = 0,
+    target_modules: tuple[str, ...] = ALL_PROJECTIONS,
+    init_std: float = 0.05,
+    base_model_name: str | None = None,
+) -> Path:
+    """Write a PEFT LoRA adapter for the model in `base_dir` with random non-zero factors.
+
+    lora_a ~ N(0, 1/in_features) and lora_b ~ N(0, init_std), drawn from a generator seeded
+    with `seed`, so the adapter is deterministic and visibly changes greedy output.
+    base_model_name goes into adapter_config.json (default: the base directory's name, so the
+    files do not depend on where they were built).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules)
+    )
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_A" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+            elif "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * init_std)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # peft's model card template, with local paths
+    _normalise_config(out / "adapter_config.json", base_model_name or Path(base_dir).name)
+    return out
+
+
+def _normalise_config(config_path: Path, base_model_name: str) -> None:
+    """Rewrite adapter_config.json so it is byte-identical between builds: peft saves
+    target_modules from a set (hash order) and the base model's local path."""
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model_name
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _is_complete(root: Path) -> bool:
+    marker = root / _MARKER
+    return marker.is_file() and marker.read_text().strip() == _DEMO_VERSION
+
+
+def ensure_demo(root: Path | str) -> DemoPaths:
+    """Build the demo base model and skills under `root` unless a complete build is there.
+
+    Layout: root/base (model + tokenizer), root/skills/<skill> (PEFT adapters) for the skills
+    in DEMO_SKILLS. A marker file written last tells a finished build from an interrupted one;
+    an incomplete build is removed and rebuilt. Deterministic: same files every time. A file
+    lock makes concurrent callers (several server processes) build once and wait for it.
+    """
+    root = Path(root)
+    paths = DemoPaths(base_dir=root / "base", skills_dir=root / "skills")
+    if _is_complete(root):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_complete(root):
+            _build_demo(root, paths)
+    return paths
+
+
+def _build_demo(root: Path, paths: DemoPaths) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    for part in (paths.base_dir, paths.skills_dir):
+        shutil.rmtree(part, ignore_errors=True)
+    build_tiny_base(paths.base_dir)
+    for name, rank, alpha, seed, targets in DEMO_SKILLS:
+        build_skill_adapter(
+            paths.base_dir,
+            paths.skills_dir / name,
+            rank=rank,
+            alpha=alpha,
+            seed=seed,
+            target_modules=targets,
+            base_model_name="loramix-tiny-base",
+        )
+    (root / _MARKER).write_text(_DEMO_VERSION + "\n")
+
+
+def describe_demo(paths: DemoPaths) -> str:
+    """A one-line JSON summary of the demo (skill names and ranks), for logs."""
+    skills = {name: rank for name, rank, *_ in DEMO_SKILLS if (paths.skills_dir / name).is_dir()}
+    return json.dumps({"base": paths.base_dir.name, "skills": skills})

@@ -1,0 +1,6 @@
+"""The `local` engine: transformers + batched multi-LoRA layers (kernels/), no vLLM needed."""
+
+from server.engines.local.engine import LocalEngine
+from server.engines.local.slots import AdapterRankError
+
+__all__ = ["AdapterRankError", "LocalEngine"]

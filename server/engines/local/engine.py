@@ -1,0 +1,275 @@
+"""LocalEngine: transformers model + multi-LoRA layers + an iteration-level batch scheduler.
+
+The event loop never runs the model: a single worker thread does every forward pass (and the
+slot writes between them), while an asyncio task feeds it waiting requests and the requests'
+queues receive deltas through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from server.engines.base import (AdapterHandle, Engine, EngineError, GenerationDelta,
+                                 SamplingOptions)
+from server.engines.local.lora_layers import (DEFAULT_TARGET_MODULES, LoraBatchContext,
+                                              install_lora_layers)
+from server.engines.local.runner import ModelRunner
+from server.engines.local.sequence import Sequence
+from server.engines.local.slots import AdapterSlots, check_rank, load_checked
+
+logger = logging.getLogger("loramix.engines.local")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "auto": "auto"}
+
+
+class LocalEngine(Engine):
+    """The embedded engine (see docs/local_engine.md). Options:
+
+    max_loras: adapters resident at once (slots); max_lora_rank: largest rank accepted;
+    dtype: float32 | float16 | bfloat16 | auto (the checkpoint's); device: torch device
+    (default cuda if available, else cpu); max_batch_size: rows decoded per forward pass;
+    target_modules: names of the linear layers that get LoRA slots.
+    """
+
+    name = "local"
+
+    def __init__(self, model_dir: Path | str, *, max_loras: int = 8, max_lora_rank: int = 64,
+                 dtype: str = "float32", device: str | None = None, max_batch_size: int = 16,
+                 target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        for label, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank),
+                             ("max_batch_size", max_batch_size)):
+            if value < 1:
+                raise ValueError(f"{label} must be >= 1, got {value}")
+        self.model_dir = Path(model_dir)
+        self.max_loras = max_loras
+        self._max_lora_rank = max_lora_rank
+        self.dtype = dtype
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.max_batch_size = max_batch_size
+        self.target_modules = tuple(target_modules)
+        self.tokenizer = None
+        self.max_model_len: int | None = None
+        self._runner: ModelRunner | None = None
+        self._slots: AdapterSlots | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._waiting: list[Sequence] = []
+        self._requests: dict[str, Sequence] = {}
+
+    @property
+    def max_lora_rank(self) -> int:
+        return self._max_lora_rank
+
+    async def start(self) -> None:
+        """Load model and tokenizer (off the event loop) and start the scheduler task."""
+        if self._task is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramix-local")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._schedule(), name="loramix-local-scheduler")
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_DTYPES[self.dtype])
+        model.to(self.device).eval()
+        context = LoraBatchContext()
+        layers = install_lora_layers(model, context, max_loras=self.max_loras,
+                                     max_lora_rank=self._max_lora_rank,
+                                     target_modules=self.target_modules)
+        if not layers:
+            raise EngineError(f"The model has no linear layers named {self.target_modules}.")
+        self._slots = AdapterSlots(layers, self.max_loras, self._max_lora_rank)
+        config = model.config
+        self.max_model_len = getattr(config, "max_position_embeddings", None)
+        # Checkpoints often pad the embedding beyond the tokenizer's size; both ranges are valid.
+        self._vocab_size = max(len(self.tokenizer), getattr(config, "vocab_size", 0) or 0)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id or 0
+        self._eos_token_ids = _eos_ids(model, self.tokenizer)
+        self._runner = ModelRunner(model, context, self._slots, pad_token_id=pad,
+                                   device=self.device)
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler, end outstanding requests with an error, free the model."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        for seq in list(self._requests.values()):
+            if not seq.is_finished:
+                seq.is_finished = True
+                seq.emit(EngineError("The local engine was shut down."))
+        self._requests.clear()
+        self._waiting.clear()
+        # The step in flight (if any) finishes on the worker; wait for it off the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self._runner = self._slots = None
+
+    def _require_started(self) -> AdapterSlots:
+        if self._slots is None:
+            raise EngineError("The local engine is not started.")
+        return self._slots
+
+    async def add_adapter(self, handle: AdapterHandle) -> None:
+        """Read and validate the adapter now (off the loop); it enters a slot on first use."""
+        slots = self._require_started()
+        if slots.is_registered(handle.adapter_id):
+            return
+        check_rank(handle.name, handle.rank, self._max_lora_rank)
+        adapter = await asyncio.to_thread(load_checked, handle, slots.layers,
+                                          self._max_lora_rank)
+        slots.register(handle, adapter)
+
+    async def remove_adapter(self, adapter_id: int) -> None:
+        """Forget the adapter; a slot still used by running requests is freed after them."""
+        if self._slots is not None:
+            self._slots.forget(adapter_id)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       sampling: SamplingOptions,
+                       adapter: AdapterHandle | None = None) -> AsyncIterator[GenerationDelta]:
+        """Queue the request and stream its deltas; closing the stream early aborts it."""
+        self._require_started()
+        self._check_request(request_id, prompt_token_ids, sampling)
+        if adapter is not None and not self._slots.is_registered(adapter.adapter_id):
+            await self.add_adapter(adapter)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = Sequence(
+            request_id=request_id, prompt_token_ids=list(prompt_token_ids), sampling=sampling,
+            adapter=adapter, emit=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            max_total_len=self.max_model_len or 1 << 62, tokenizer=self.tokenizer,
+            eos_token_ids=self._eos_token_ids)
+        self._requests[request_id] = seq
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._requests.pop(request_id, None)
+            if not seq.is_finished:
+                seq.is_aborted = True
+                self._wake.set()
+
+    def _check_request(self, request_id: str, prompt_token_ids: list[int],
+                       sampling: SamplingOptions) -> None:
+        if request_id in self._requests:
+            raise EngineError(f"Request id '{request_id}' is already running.")
+        if not prompt_token_ids:
+            raise _bad_request("invalid_request_error", "The prompt is empty.", "prompt")
+        if self.max_model_len is not None and len(prompt_token_ids) >= self.max_model_len:
+            raise _bad_request(
+                "context_length_exceeded",
+                f"The prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
+                f"length is {self.max_model_len} tokens, including the output.", "messages")
+        vocab_size = self._vocab_size
+        if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+            raise _bad_request("invalid_request_error",
+                               f"Prompt token ids must lie in [0, {vocab_size}).", "prompt")
+        if sampling.max_tokens < 1:
+            raise _bad_request("invalid_request_error", "max_tokens must be at least 1.",
+                               "max_tokens")
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request: it leaves the batch (freeing its slot) and its stream ends with
+        finish_reason "abort"."""
+        seq = self._requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        seq.is_aborted = True
+        self._wake.set()  # the scheduler ends it, waiting or running
+
+    async def _schedule(self) -> None:
+        """Feed the worker: each iteration admits waiting requests up to max_batch_size and
+        runs one step (prefill of the admitted + one decode token for every row)."""
+        loop = asyncio.get_running_loop()
+        runner = self._runner
+        try:
+            while True:
+                if not self._waiting and not runner.rows:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                self._drop_aborted_waiting()
+                capacity = self.max_batch_size - sum(not s.is_done for s in runner.rows)
+                # Candidates stay in _waiting (health counts them) until the worker takes them.
+                taken = await loop.run_in_executor(self._executor, runner.step,
+                                                   self._waiting[:capacity])
+                taken_ids = {id(s) for s in taken}
+                self._waiting = [s for s in self._waiting if id(s) not in taken_ids]
+        except Exception:
+            logger.exception("local engine scheduler stopped")
+            for seq in self._requests.values():
+                if not seq.is_finished:
+                    seq.is_finished = True
+                    seq.emit(EngineError("The local engine stopped after an internal error."))
+            raise
+
+    def _drop_aborted_waiting(self) -> None:
+        for seq in self._waiting:
+            if seq.is_aborted and not seq.is_finished:
+                seq.is_finished = True
+                seq.emit_abort()
+        self._waiting = [s for s in self._waiting if not s.is_aborted]
+
+    def health(self) -> dict:
+        """Engine name, device, resident adapters (name -> slot), running and waiting counts."""
+        runner = self._runner
+        return {
+            "engine": self.name,
+            "running": self._task is not None,
+            "device": str(self.device),
+            "max_loras": self.max_loras,
+            "max_lora_rank": self._max_lora_rank,
+            "max_batch_size": self.max_batch_size,
+            "loaded_adapters": self._slots.resident() if self._slots else {},
+            "adapter_loads": self._slots.num_loads if self._slots else 0,
+            "num_running": sum(not s.is_done for s in runner.rows) if runner else 0,
+            "num_waiting": sum(not (s.is_admitted or s.is_done) for s in self._waiting),
+            "num_forward_passes": runner.num_forward_passes if runner else 0,
+            "max_adapters_per_pass": runner.max_adapters_per_pass if runner else 0,
+        }
+
+
+def _bad_request(code: str, message: str, param: str) -> Exception:
+    """A 400 error in the server's envelope."""
+    # Imported here: server.errors pulls in FastAPI, and the engine must import without the
+    # HTTP stack (GPU hosts that run it for kernels and benchmarks have none).
+    from server.errors import LoramixError
+
+    return LoramixError(400, code, message, param=param)
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids = set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

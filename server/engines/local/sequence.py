@@ -1,0 +1,79 @@
+"""One request inside the local engine: its prompt, adapter slot, sampler and output stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from server.engines.base import AdapterHandle, GenerationDelta, SamplingOptions
+from server.engines.local.sampling import IncrementalDetokenizer, StopChecker, TokenSampler
+
+
+@dataclass(eq=False)  # identity: two requests are never the same row
+class Sequence:
+    """A request's state. The worker thread advances it; `emit` hands deltas (or an
+    exception) to the request's asyncio queue. `is_aborted` may be set from the event loop."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions
+    adapter: AdapterHandle | None
+    emit: Callable[[GenerationDelta | BaseException], None]
+    max_total_len: int
+    tokenizer: object
+    eos_token_ids: frozenset[int]
+    slot: int = -1
+    output_token_ids: list[int] = field(default_factory=list)
+    is_admitted: bool = False
+    is_finished: bool = False
+    is_aborted: bool = False
+
+    def __post_init__(self) -> None:
+        self.sampler = TokenSampler(self.sampling)
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids)
+        self.stop_checker = StopChecker(self.sampling.stop)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def next_position(self) -> int:
+        """Position id of the last output token, the input of the next decode step."""
+        return self.num_prompt_tokens + len(self.output_token_ids) - 1
+
+    @property
+    def is_done(self) -> bool:
+        return self.is_finished or self.is_aborted
+
+    def append_token(self, token_id: int) -> None:
+        """Record a sampled token, decide whether the request is finished, emit the delta."""
+        self.output_token_ids.append(token_id)
+        finish_reason = self._finish_reason(token_id)
+        text = self.detokenizer.add(token_id, final=finish_reason is not None)
+        text, hit_stop = self.stop_checker.feed(text, final=finish_reason is not None)
+        if hit_stop:
+            finish_reason = "stop"
+        self.is_finished = finish_reason is not None
+        self.emit(GenerationDelta(
+            text=text,
+            token_ids=[token_id],
+            finish_reason=finish_reason,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=len(self.output_token_ids),
+        ))
+
+    def _finish_reason(self, token_id: int) -> str | None:
+        if token_id in self.eos_token_ids and not self.sampling.ignore_eos:
+            return "stop"
+        if len(self.output_token_ids) >= self.sampling.max_tokens:
+            return "length"
+        if self.num_prompt_tokens + len(self.output_token_ids) >= self.max_total_len:
+            return "length"
+        return None
+
+    def emit_abort(self) -> None:
+        """End the stream of an aborted request (finish_reason "abort", as the vLLM engine)."""
+        self.emit(GenerationDelta(
+            text="", finish_reason="abort", num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=len(self.output_token_ids)))

@@ -1,0 +1,7 @@
+"""The vLLM engine (vLLM's AsyncLLM with LoRA). Importing this package does not import vLLM;
+constructing a VllmEngine without vLLM installed raises EngineError with install advice."""
+
+from server.engines.vllm.engine import INSTALL_HINT, VllmEngine, is_vllm_available
+from server.engines.vllm.options import ALLOWED_MAX_LORA_RANKS, VllmOptions
+
+__all__ = ["ALLOWED_MAX_LORA_RANKS", "INSTALL_HINT", "VllmEngine", "VllmOptions", "is_vllm_available"]

@@ -1,0 +1,296 @@
+"""Request and response models of the OpenAI API subset loramix serves, plus loramix's
+`composition` extension.
+
+OpenAI's own request fields are parsed leniently: unknown fields are logged and ignored, so
+clients that send newer fields keep working. The `composition` extension is strict: unknown
+keys and bad values are a 400 that names the offending `param`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger("loramix.protocol")
+
+
+class LenientModel(BaseModel):
+    """Accepts and logs fields it does not know (OpenAI adds fields over time)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self):
+        if self.model_extra:
+            logger.info("ignoring unsupported request fields: %s", sorted(self.model_extra))
+        return self
+
+
+class StrictModel(BaseModel):
+    """loramix's own extension: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- composition extension
+
+
+class SkillWeight(StrictModel):
+    name: str = Field(description="Skill name (a sub-directory of the skills directory).")
+    weight: float = Field(description="Weight of this skill's adapter in the composition.")
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_nonzero(cls, weight: float) -> float:
+        if not math.isfinite(weight):
+            raise ValueError("weight must be a finite number")
+        if weight == 0:
+            raise ValueError("weight must be non-zero (leave the skill out instead)")
+        return weight
+
+
+class CompositionRequest(StrictModel):
+    """The structured `composition` body field: which skills, how much of each, how merged."""
+
+    skills: list[SkillWeight] = Field(
+        description="Skills with weights: a list of {name, weight} or a {name: weight} mapping."
+    )
+    method: str | None = Field(None, description="Merge method (default: the server's default method).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of the merge method.")
+    rank: int | None = Field(None, ge=1, description="Target rank of the merged adapter.")
+
+    @field_validator("skills", mode="before")
+    @classmethod
+    def _mapping_to_list(cls, skills: Any) -> Any:
+        if isinstance(skills, dict):
+            return [{"name": name, "weight": weight} for name, weight in skills.items()]
+        return skills
+
+    @field_validator("skills")
+    @classmethod
+    def _non_empty(cls, skills: list[SkillWeight]) -> list[SkillWeight]:
+        if not skills:
+            raise ValueError("at least one skill is required")
+        return skills
+
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(LenientModel):
+    include_usage: bool = False
+
+
+class SamplingFields(LenientModel):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
+    composition: CompositionRequest | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str] | None:
+        if stop is None:
+            return None
+        stops = [stop] if isinstance(stop, str) else stop
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    def unsupported_fields(self) -> list[str]:
+        """OpenAI fields set to a value this server would otherwise silently not honour."""
+        extra = self.model_extra or {}
+        return sorted(
+            name for name, value in extra.items()
+            if name in _UNSUPPORTED and value not in _UNSUPPORTED[name]
+        )
+
+
+# OpenAI fields loramix does not implement, with the values that mean "not used". Other
+# unknown fields are ignored; these change the answer's meaning, so they are refused.
+_UNSUPPORTED: dict[str, tuple] = {
+    "echo": (None, False),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "functions": (None, []),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class ContentPart(LenientModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(LenientModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined; other part types are rejected upstream)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content):
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise ValueError("only text content parts are supported")
+        return content
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def output_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, prompt):
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    def output_budget(self) -> int | None:
+        return self.max_tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each is text or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(item, int) for item in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+
+class CreateCompositionRequest(StrictModel):
+    """POST /v1/compositions: pre-warm a composition, optionally under a name."""
+
+    name: str | None = Field(None, description="Name under which clients can use it as `model`.")
+    model: str | None = Field(None, description="A composition model string, e.g. 'math+code@lego'.")
+    composition: CompositionRequest | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.model is None) == (self.composition is None):
+            raise ValueError("give exactly one of `model` (a composition string) or `composition`")
+        return self
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "loramix"
+    root: str | None = None
+    parent: str | None = None
+    loramix: dict[str, Any] | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

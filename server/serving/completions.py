@@ -1,0 +1,148 @@
+"""POST /v1/chat/completions and POST /v1/completions: resolve the composition, pin its
+merged adapter, run the choices on the engine, answer as JSON or as an SSE stream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server import metrics
+from server.composer import Resolved
+from server.engines.base import AdapterHandle, SamplingOptions
+from server.errors import from_exception, invalid_request
+from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
+from server.serving.generation import (
+    SequenceJob,
+    SequenceResult,
+    accumulate,
+    collect_sequences,
+    count_tokens,
+    stream_sequences,
+)
+from server.serving.shapes import CHAT, COMPLETIONS, EndpointShape
+from server.state import ServerState
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def _jobs(prompts: list[list[int]], request: SamplingFields, max_tokens: int) -> list[SequenceJob]:
+    """One job per (prompt, n); choice index = prompt index * n + j, as OpenAI numbers them."""
+    jobs = []
+    for prompt_index, prompt_ids in enumerate(prompts):
+        for j in range(request.n):
+            sampling = SamplingOptions(
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=None if request.seed is None else request.seed + j,
+                stop=request.stop_strings(),
+                ignore_eos=request.ignore_eos,
+            )
+            jobs.append(SequenceJob(prompt_index * request.n + j, prompt_ids, sampling))
+    return jobs
+
+
+def _usage(prompts: list[list[int]], results: list[SequenceResult]) -> Usage:
+    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
+    usage = Usage()
+    usage.add(sum(len(p) for p in prompts), sum(r.num_output_tokens for r in results))
+    return usage
+
+
+@dataclass
+class Generation:
+    """One request, ready to run: its id, composition, jobs and pinned adapter."""
+
+    shape: EndpointShape
+    request_id: str
+    resolved: Resolved
+    prompts: list[list[int]]
+    jobs: list[SequenceJob]
+    handle: AdapterHandle | None
+    adapter_pin: contextlib.AsyncExitStack
+
+
+class CompletionService:
+    """The logic of both completion endpoints."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def chat(self, request: ChatCompletionRequest) -> Response:
+        started = time.perf_counter()
+        resolved = await self._resolve(request)
+        prompts = [self.state.encoder.chat(request.messages)]
+        max_tokens = request.output_budget() or self.state.settings.default_max_tokens
+        return await self._run(CHAT, request, resolved, prompts, max_tokens, started)
+
+    async def completion(self, request: CompletionRequest) -> Response:
+        started = time.perf_counter()
+        resolved = await self._resolve(request)
+        prompts = [self.state.encoder.text(p) for p in request.prompts()]
+        max_tokens = request.output_budget() or 16
+        return await self._run(COMPLETIONS, request, resolved, prompts, max_tokens, started)
+
+    async def _resolve(self, request: SamplingFields) -> Resolved:
+        unsupported = request.unsupported_fields()
+        if unsupported:
+            raise invalid_request(f"'{unsupported[0]}' is not supported by this server.", unsupported[0])
+        await self.state.composer.refresh_skills()
+        return self.state.composer.resolve(request.model, request.composition)
+
+    async def _run(self, shape, request, resolved, prompts, max_tokens, started) -> Response:
+        pin = contextlib.AsyncExitStack()
+        handle = await pin.enter_async_context(self.state.composer.adapter(resolved.spec))
+        generation = Generation(
+            shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", resolved, prompts,
+            _jobs(prompts, request, max_tokens), handle, pin,
+        )
+        # The server's own share of the latency (resolve, tokenize, merged adapter), as a
+        # standard Server-Timing header.
+        headers = {"Server-Timing": f"compose;dur={1e3 * (time.perf_counter() - started):.3f}"}
+        if not request.stream:
+            return JSONResponse(await self._complete(generation), headers=headers)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        headers["Cache-Control"] = "no-cache"
+        return StreamingResponse(self._stream(generation, include_usage), media_type="text/event-stream",
+                                 headers=headers)
+
+    async def _complete(self, gen: Generation) -> dict:
+        async with gen.adapter_pin:
+            results = await collect_sequences(self.state.engine, gen.request_id, gen.jobs, gen.handle)
+        count_tokens(results)
+        body = gen.shape.respond(gen.request_id, int(time.time()), gen.resolved.model_name, results,
+                                 _usage(gen.prompts, results))
+        return body.model_dump()
+
+    async def _stream(self, gen: Generation, include_usage: bool) -> AsyncIterator[str]:
+        """SSE events: an opening chunk per choice, deltas, then usage (if asked) and [DONE].
+        An error after the stream started becomes an error event followed by [DONE]."""
+        created, model, chunk = int(time.time()), gen.resolved.model_name, gen.shape.chunk
+        results = {job.index: SequenceResult() for job in gen.jobs}
+        try:
+            async with gen.adapter_pin:
+                for job in gen.jobs:
+                    opening = chunk(gen.request_id, job.index, None, created, model)
+                    if opening is not None:
+                        yield _sse(opening)
+                async for index, delta in stream_sequences(self.state.engine, gen.request_id, gen.jobs, gen.handle):
+                    accumulate(results[index], delta)
+                    yield _sse(chunk(gen.request_id, index, delta, created, model))
+            ordered = [results[job.index] for job in gen.jobs]
+            count_tokens(ordered)
+            if include_usage:
+                yield _sse(chunk(gen.request_id, -1, _usage(gen.prompts, ordered), created, model))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an in-stream error event
+            err = from_exception(exc)
+            metrics.ERRORS.labels(endpoint=gen.shape.path, code=err.code).inc()
+            yield _sse(json.dumps(err.envelope()))
+        yield _sse("[DONE]")

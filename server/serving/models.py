@@ -1,0 +1,34 @@
+"""GET /v1/models: the base model, every skill, named compositions and cached compositions."""
+
+from __future__ import annotations
+
+from server.protocol import ModelCard, ModelList
+from server.state import ServerState
+
+
+def list_models(state: ServerState) -> ModelList:
+    composer = state.composer
+    created = int(state.started)
+    cards = [ModelCard(id=state.base_name, created=created, loramix={"kind": "base"})]
+    for name in composer.registry.names():
+        skill = composer.registry.get(name)
+        cards.append(ModelCard(
+            id=name, created=created, root=state.base_name, parent=state.base_name,
+            loramix={"kind": "skill", "rank": skill.rank, "digest": skill.digest},
+        ))
+    for name in composer.named.names():
+        spec = composer.named.get(name)
+        cards.append(ModelCard(
+            id=name, created=int(composer.named.created(name) or created), root=state.base_name,
+            parent=state.base_name, loramix={"kind": "named_composition", "composition": spec.model_string()},
+        ))
+    for key in composer.cache.keys():
+        info = composer.cache.peek(key)
+        if info is None or "model" not in info:
+            continue
+        cards.append(ModelCard(
+            id=info["model"], created=int(info.get("created", created)), root=state.base_name,
+            parent=state.base_name,
+            loramix={"kind": "composition", "key": key, "rank": info.get("rank"), "tier": composer.cache.tier(key)},
+        ))
+    return ModelList(data=cards)

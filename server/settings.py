@@ -1,0 +1,85 @@
+"""Server configuration, declared once: CLI flags and LORAMIX_* environment variables derive from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_root() -> Path:
+    """Where the composition cache and the demo model live unless configured otherwise."""
+    return Path.home() / ".cache" / "loramix"
+
+
+class Settings(BaseSettings):
+    """Every setting of `loramix serve`. Each field is also the env var LORAMIX_<FIELD_NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMIX_", extra="ignore")
+
+    base_model: Path | None = Field(
+        None, description="Directory of the base model (HF format). Unset: serve the built-in demo model."
+    )
+    skills_dir: Path | None = Field(
+        None, description="Directory of skill adapters, one PEFT adapter sub-directory per skill."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use for the base model (default: the base model directory's name)."
+    )
+    engine: Literal["local", "vllm", "auto"] = Field(
+        "local", description="Inference engine: local (transformers), vllm, or auto (vllm if importable)."
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    default_method: str = Field("cat", description="Merge method used when a composition names none.")
+    cache_dir: Path | None = Field(
+        None, description="Disk cache of merged adapters (default: ~/.cache/loramix/compositions)."
+    )
+    memory_cache_bytes: int = Field(
+        512 * 2**20, ge=0, description="Bytes of merged adapters kept in memory (LRU)."
+    )
+    disk_cache_bytes: int = Field(
+        8 * 2**30, ge=0, description="Bytes of merged adapters kept in the disk cache (LRU)."
+    )
+    api_key: str | None = Field(
+        None, description="If set, every /v1 request needs `Authorization: Bearer <key>`."
+    )
+    strict_rank: bool = Field(
+        False,
+        description="Reject compositions whose merged rank exceeds the engine's max LoRA rank "
+        "(400 rank_limit_exceeded) instead of compressing them to that rank.",
+    )
+    max_loras: int = Field(8, ge=1, description="Adapters resident in the engine at once (slots).")
+    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank the engine accepts.")
+    max_cpu_loras: int | None = Field(None, ge=1, description="vLLM: adapters kept in CPU memory.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor-parallel GPUs.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="vLLM: fraction of accelerator memory to use."
+    )
+    max_model_len: int | None = Field(None, ge=1, description="vLLM: maximum context length.")
+    dtype: str = Field(
+        "auto",
+        description="Model dtype: auto, float32, bfloat16, float16 "
+        "(auto: float32 on the local engine, the checkpoint's dtype on vLLM).",
+    )
+    enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs.")
+    max_batch_size: int = Field(16, ge=1, description="Local engine: sequences decoded per step.")
+    device: str | None = Field(None, description="Local engine: torch device (default: cuda if available, else cpu).")
+    default_max_tokens: int = Field(
+        256, ge=1, description="Chat completion length when a request gives no max_tokens."
+    )
+    demo_dir: Path | None = Field(
+        None, description="Where the demo model and skills are built when no base model is given "
+        "(default: ~/.cache/loramix/demo)."
+    )
+    log_level: str = Field("info", description="Log level of the server.")
+
+    def resolved_cache_dir(self) -> Path:
+        """The composition disk-cache directory."""
+        return self.cache_dir if self.cache_dir is not None else default_cache_root() / "compositions"
+
+    def resolved_demo_dir(self) -> Path:
+        """The directory the demo model and skills are built in."""
+        return self.demo_dir if self.demo_dir is not None else default_cache_root() / "demo"
