@@ -8,6 +8,19 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Triton decides between compiling and interpreting when a kernel is decorated, i.e. when the
+# first module that defines kernels is imported (kernels/, or vLLM's own). Without a GPU the
+# kernel tests run under the interpreter, so it must be on before any test module is imported.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -28,12 +28,12 @@ def _randomize(model, adapter: str, seed: int):
 def _peft_pair(tmp_path: Path, config_b: LoraConfig, config_a: LoraConfig | None = None):
     """A peft model with adapters 'a' and 'b' (random, non-zero B), both saved as PEFT dirs."""
     config_a = config_a or LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
-    model = get_peft_model(TinyNet(), config_a, adapter_name="a")
-    model.add_adapter("b", config_b)
-    _randomize(model, "a", 1)
-    _randomize(model, "b", 2)
+    model = get_peft_model(TinyNet(), config_a, adapter_name="one")
+    model.add_adapter("two", config_b)
+    _randomize(model, "one", 1)
+    _randomize(model, "two", 2)
     dirs = {}
-    for name in ("a", "b"):
+    for name in ("one", "two"):
         model.save_pretrained(tmp_path / name, selected_adapters=[name])
         dirs[name] = next((tmp_path / name).rglob("adapter_config.json")).parent
     return model, dirs
@@ -59,8 +59,8 @@ CONFIGS_B = {
 @pytest.mark.parametrize("kind", sorted(CONFIGS_B))
 def test_loaded_scaling_matches_peft(tmp_path, kind):
     model, dirs = _peft_pair(tmp_path, CONFIGS_B[kind])
-    ours = load_adapter(dirs["b"])
-    for module, delta in _peft_deltas(model, "b").items():
+    ours = load_adapter(dirs["two"])
+    for module, delta in _peft_deltas(model, "two").items():
         assert rel(merged_delta(ours, module), delta) < 1e-6
 
 
@@ -69,8 +69,8 @@ def test_loaded_scaling_matches_peft(tmp_path, kind):
 def test_cat_and_linear_match_add_weighted_adapter(tmp_path, kind, method):
     model, dirs = _peft_pair(tmp_path, CONFIGS_B[kind])
     weights = [0.7, -0.45]
-    model.add_weighted_adapter(["a", "b"], weights, "m", combination_type=method)
-    ours = merge([load_adapter(dirs["a"]), load_adapter(dirs["b"])], weights, method)
+    model.add_weighted_adapter(["one", "two"], weights, "m", combination_type=method)
+    ours = merge([load_adapter(dirs["one"]), load_adapter(dirs["two"])], weights, method)
     for module, delta in _peft_deltas(model, "m").items():
         assert rel(merged_delta(ours.adapter, module), delta) < 1e-5
 
@@ -78,10 +78,10 @@ def test_cat_and_linear_match_add_weighted_adapter(tmp_path, kind, method):
 def test_svd_matches_peft_svd_and_the_eckart_young_optimum(tmp_path):
     model, dirs = _peft_pair(tmp_path, LoraConfig(r=6, lora_alpha=12, target_modules=TARGETS))
     weights, rank = [0.6, 0.4], 3
-    model.add_weighted_adapter(["a", "b"], weights, "m", combination_type="svd", svd_rank=rank)
-    ours = merge([load_adapter(dirs["a"]), load_adapter(dirs["b"])], weights, "svd", rank=rank)
-    exact = {m: weights[0] * d for m, d in _peft_deltas(model, "a").items()}
-    for m, d in _peft_deltas(model, "b").items():
+    model.add_weighted_adapter(["one", "two"], weights, "m", combination_type="svd", svd_rank=rank)
+    ours = merge([load_adapter(dirs["one"]), load_adapter(dirs["two"])], weights, "svd", rank=rank)
+    exact = {m: weights[0] * d for m, d in _peft_deltas(model, "one").items()}
+    for m, d in _peft_deltas(model, "two").items():
         exact[m] = exact[m] + weights[1] * d
     for module, peft_delta in _peft_deltas(model, "m").items():
         u, s, vh = torch.linalg.svd(exact[module])
@@ -98,8 +98,8 @@ def test_pruning_methods_match_peft_merge_utils_on_delta_w(tmp_path, method, sig
     options = {"density": density}
     if method == "ties":
         options["majority_sign_method"] = sign_method
-    ours = merge([load_adapter(dirs["a"]), load_adapter(dirs["b"])], weights, method, rank=40, options=options)
-    deltas_a, deltas_b = _peft_deltas(model, "a"), _peft_deltas(model, "b")
+    ours = merge([load_adapter(dirs["one"]), load_adapter(dirs["two"])], weights, method, rank=40, options=options)
+    deltas_a, deltas_b = _peft_deltas(model, "one"), _peft_deltas(model, "two")
     for module in deltas_a:
         tensors = [deltas_a[module].float(), deltas_b[module].float()]
         w = torch.tensor(weights)
@@ -113,8 +113,8 @@ def test_pruning_methods_match_peft_merge_utils_on_delta_w(tmp_path, method, sig
 def test_ties_svd_matches_peft_at_equal_rank(tmp_path):
     model, dirs = _peft_pair(tmp_path, CONFIGS_B["rslora"])
     weights = [1.0, 0.6]
-    model.add_weighted_adapter(["a", "b"], weights, "m", combination_type="ties_svd", svd_rank=12, density=0.5)
-    ours = merge([load_adapter(dirs["a"]), load_adapter(dirs["b"])], weights, "ties", rank=12)
+    model.add_weighted_adapter(["one", "two"], weights, "m", combination_type="ties_svd", svd_rank=12, density=0.5)
+    ours = merge([load_adapter(dirs["one"]), load_adapter(dirs["two"])], weights, "ties", rank=12)
     for module, delta in _peft_deltas(model, "m").items():
         assert rel(merged_delta(ours.adapter, module), delta) < 1e-4
 
