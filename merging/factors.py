@@ -12,9 +12,18 @@ import torch
 
 def stack_factors(lora_bs: list[torch.Tensor], lora_as: list[torch.Tensor], coefs: list[float]):
     """[c_1 B_1 ... c_n B_n] [out, R] and [A_1; ...; A_n] [R, in] for ΔW = Σ c_i B_i A_i."""
-    lora_b = torch.cat([coef * b for b, coef in zip(lora_bs, coefs)], dim=1)
-    lora_a = torch.cat(lora_as, dim=0)
-    return lora_b, lora_a
+    lora_b = torch.empty(lora_bs[0].shape[0], sum(b.shape[1] for b in lora_bs), dtype=lora_bs[0].dtype)
+    start = 0
+    for b, coef in zip(lora_bs, coefs):
+        torch.mul(b, coef, out=lora_b[:, start : start + b.shape[1]])
+        start += b.shape[1]
+    return lora_b, torch.cat(lora_as, dim=0)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry is NaN or ±inf. One read pass: a finite sum implies finite entries;
+    only when the sum overflows are the entries checked one by one."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def frobenius_sq(lora_b: torch.Tensor, lora_a: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import torch
 
 from merging.adapter import LoraAdapter, LoraModule
 from merging.errors import IncompatibleAdaptersError, InvalidMergeOptions, NonFiniteResultError
-from merging.factors import difference_sq, frobenius_sq, stack_factors, truncated_svd
+from merging.factors import all_finite, difference_sq, frobenius_sq, stack_factors, truncated_svd
 from merging.methods.common import ModuleInputs
 from merging.methods.svd import merge_svd
 from merging.registry import get_method, validate_options
@@ -130,11 +130,11 @@ def merge(
         inputs = _module_inputs(module, adapters, weights, compute_dtype)
         extra = {"generator": _generator(opts["seed"], module)} if spec.uses_seed else {}
         out = fn(inputs, target_rank, **opts, **extra)
-        if not (torch.isfinite(out.lora_a).all() and torch.isfinite(out.lora_b).all()):
+        if not (all_finite(out.lora_a) and all_finite(out.lora_b)):
             raise NonFiniteResultError(f"{method} produced non-finite values in module {module!r}")
-        exact_b, exact_a = stack_factors(inputs.lora_bs, inputs.lora_as, inputs.coefs)
-        sums["exact"] += frobenius_sq(exact_b, exact_a)
-        if not spec.exact:
+        if not spec.exact:  # exact methods have error 0 by construction
+            exact_b, exact_a = stack_factors(inputs.lora_bs, inputs.lora_as, inputs.coefs)
+            sums["exact"] += frobenius_sq(exact_b, exact_a)
             sums["error"] += difference_sq(out.lora_b, out.lora_a, exact_b, exact_a)
         if out.target_sq is not None:
             sums["target"] += out.target_sq

@@ -54,8 +54,15 @@ def _units(inputs: ModuleInputs):
 
 
 def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: int = 100) -> torch.Tensor:
-    """k-means++ seeding then Lloyd iterations. points: [n, d]. Returns labels [n] in 0..k-1."""
+    """k-means++ seeding then Lloyd iterations. points: [n, d]. Returns labels [n] in 0..k-1.
+
+    The n points span at most n dimensions: clustering runs on their coordinates in that span
+    (R of a QR of pointsᵀ), which keeps every distance, so the labels are those of the full
+    space at a fraction of the cost when d >> n (d = out + in, n = Σ r_i).
+    """
     n = points.shape[0]
+    if points.shape[1] > n:
+        points = torch.linalg.qr(points.T).R.T  # [n, n], same pairwise distances
     centers = points[torch.randint(n, (1,), generator=generator)]
     closest = torch.cdist(points, centers).squeeze(1).pow(2)
     for _ in range(1, k):
@@ -65,13 +72,14 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: i
         closest = torch.minimum(closest, torch.cdist(points, points[pick]).squeeze(1).pow(2))
     labels = torch.cdist(points, centers).argmin(dim=1)
     for _ in range(max_iter):
-        for c in range(k):
-            members = labels == c
-            if members.any():
-                centers[c] = points[members].mean(dim=0)
-            else:  # an empty cluster takes the point farthest from its center
-                far = torch.cdist(points, centers).min(dim=1).values.argmax()
-                centers[c] = points[far]
+        onehot = torch.nn.functional.one_hot(labels, k).to(points.dtype)  # [n, k]
+        counts = onehot.sum(dim=0)
+        sums = onehot.T @ points
+        filled = counts > 0
+        centers[filled] = sums[filled] / counts[filled, None]
+        for c in torch.nonzero(~filled).flatten().tolist():  # an empty cluster takes the farthest point
+            far = torch.cdist(points, centers).min(dim=1).values.argmax()
+            centers[c] = points[far]
         new_labels = torch.cdist(points, centers).argmin(dim=1)
         if torch.equal(new_labels, labels):
             break
