@@ -1,9 +1,12 @@
-"""Tiny models and skill adapters built locally and deterministically (no model hub).
+"""Demo models and skill adapters, made locally and deterministically (no model hub).
 
-`build_tiny_base` writes a random LlamaForCausalLM with a byte-level BPE tokenizer and a chat
-template; `build_skill_adapter` writes a PEFT LoRA adapter for it with non-zero lora_B (peft
-initialises lora_B to zero, which would make every adapter a no-op); `ensure_demo` builds the
-demo base model and its skills once under a root directory.
+Two demo worlds:
+- "lab": the skill lab (lab/, docs/skill_lab.md): a small Llama trained on text tasks and one
+  trained LoRA per skill (reverse, upper, sort, add), shipped in lab/assets. Answers are real.
+- "tiny": a random LlamaForCausalLM with a byte-level BPE tokenizer (`build_tiny_base`) and
+  random PEFT adapters (`build_skill_adapter`, non-zero lora_B since peft initialises lora_B to
+  zero); skills math, code, poetry, lookup. Fast to build; the test fixtures use it.
+`ensure_demo` installs a world once under a root directory.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ DEMO_SKILLS = (
 )
 _MARKER = ".loramix-demo-complete"
 _DEMO_VERSION = "1"
+
+LAB_ASSETS = Path(__file__).resolve().parents[1] / "lab" / "assets"
+LAB_SKILLS = ("reverse", "upper", "sort", "add")
+_LAB_VERSION = "lab-1"
+WORLDS = ("lab", "tiny")
+# The world ensure_demo installs when none is named: the trained skill lab. Tests that want
+# the random tiny world (tests/conftest.py) name it.
+DEFAULT_WORLD = "lab"
 
 
 @dataclass(frozen=True)
@@ -186,37 +197,64 @@ def _normalise_config(config_path: Path, base_model_name: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _is_complete(root: Path) -> bool:
+def _version(world: str) -> str:
+    if world not in WORLDS:
+        raise ValueError(f"unknown demo world {world!r}; choose one of {', '.join(WORLDS)}")
+    return _LAB_VERSION if world == "lab" else _DEMO_VERSION
+
+
+def _is_complete(root: Path, version: str) -> bool:
     marker = root / _MARKER
-    return marker.is_file() and marker.read_text().strip() == _DEMO_VERSION
+    return marker.is_file() and marker.read_text().strip() == version
 
 
-def ensure_demo(root: Path | str) -> DemoPaths:
-    """Build the demo base model and skills under `root` unless a complete build is there.
+def ensure_demo(root: Path | str, *, world: str | None = None) -> DemoPaths:
+    """Install the demo base model and skills of `world` under `root` unless already there.
 
-    Layout: root/base (model + tokenizer), root/skills/<skill> (PEFT adapters) for the skills
-    in DEMO_SKILLS. A marker file written last tells a finished build from an interrupted one;
-    an incomplete build is removed and rebuilt. Deterministic: same files every time. A file
-    lock makes concurrent callers (several server processes) build once and wait for it.
+    world: "lab" (trained skill-lab model and skills, copied from lab/assets) or "tiny"
+    (random tiny model and skills, built); None means DEFAULT_WORLD.
+    Layout: root/base (model + tokenizer), root/skills/<skill> (PEFT adapters). A marker file
+    written last names the world of a finished install; an incomplete install, or one of
+    another world, is removed and redone. Deterministic: same files every time. A file lock
+    makes concurrent callers (several server processes) install once and wait for it.
     """
+    world = world or DEFAULT_WORLD
+    version = _version(world)
     root = Path(root)
     paths = DemoPaths(base_dir=root / "base", skills_dir=root / "skills")
-    if _is_complete(root):
+    if _is_complete(root, version):
         return paths
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _is_complete(root):
-            _build_demo(root, paths)
+        if not _is_complete(root, version):
+            (root / _MARKER).unlink(missing_ok=True)
+            for part in (paths.base_dir, paths.skills_dir):
+                shutil.rmtree(part, ignore_errors=True)
+            if world == "lab":
+                _install_lab(paths)
+            else:
+                _build_tiny(paths)
+            (root / _MARKER).write_text(version + "\n")
     return paths
 
 
-def _build_demo(root: Path, paths: DemoPaths) -> None:
+def _install_lab(paths: DemoPaths) -> None:
+    missing = [p for p in [LAB_ASSETS / "base"] + [LAB_ASSETS / "skills" / s for s in LAB_SKILLS] if not p.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            "the skill-lab demo assets are missing from this installation (lab/assets); "
+            "install from a source checkout or pass a base model and skills directory"
+        )
+    shutil.copytree(LAB_ASSETS / "base", paths.base_dir)
+    for skill in LAB_SKILLS:
+        shutil.copytree(LAB_ASSETS / "skills" / skill, paths.skills_dir / skill)
+
+
+def _build_tiny(paths: DemoPaths) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    for part in (paths.base_dir, paths.skills_dir):
-        shutil.rmtree(part, ignore_errors=True)
     build_tiny_base(paths.base_dir)
     for name, rank, alpha, seed, targets in DEMO_SKILLS:
         build_skill_adapter(
@@ -228,10 +266,11 @@ def _build_demo(root: Path, paths: DemoPaths) -> None:
             target_modules=targets,
             base_model_name="loramix-tiny-base",
         )
-    (root / _MARKER).write_text(_DEMO_VERSION + "\n")
 
 
 def describe_demo(paths: DemoPaths) -> str:
     """A one-line JSON summary of the demo (skill names and ranks), for logs."""
-    skills = {name: rank for name, rank, *_ in DEMO_SKILLS if (paths.skills_dir / name).is_dir()}
+    skills = {}
+    for config in sorted(paths.skills_dir.glob("*/adapter_config.json")):
+        skills[config.parent.name] = json.loads(config.read_text()).get("r")
     return json.dumps({"base": paths.base_dir.name, "skills": skills})

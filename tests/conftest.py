@@ -38,7 +38,7 @@ def _hub_offline():
 @pytest.fixture(scope="session")
 def demo_paths(tmp_path_factory) -> DemoPaths:
     """The demo build (tiny base + skills math, code, poetry, lookup) in a session temp dir."""
-    return ensure_demo(tmp_path_factory.mktemp("demo"))
+    return ensure_demo(tmp_path_factory.mktemp("demo"), world="tiny")
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,25 @@
-"""The demo builders: deterministic, idempotent, and adapters that really change the model."""
+"""The demo worlds: the tiny random builders (deterministic, idempotent, adapters that really
+change the model) and the shipped skill-lab world."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.demo import DEMO_SKILLS, build_skill_adapter, build_tiny_base, ensure_demo
+from server.demo import (
+    DEMO_SKILLS,
+    LAB_ASSETS,
+    LAB_SKILLS,
+    build_skill_adapter,
+    build_tiny_base,
+    describe_demo,
+    ensure_demo,
+)
 
 
 def _digest(directory):
@@ -51,15 +61,15 @@ def test_adapter_build_is_deterministic_and_nonzero(tmp_path, tiny_base, skills_
 
 def test_ensure_demo_is_idempotent_and_repairs(tmp_path, demo_paths):
     root = tmp_path / "demo"
-    paths = ensure_demo(root)
+    paths = ensure_demo(root, world="tiny")
     stamp = (paths.skills_dir / "math" / "adapter_model.safetensors").stat().st_mtime_ns
-    assert ensure_demo(root) == paths
+    assert ensure_demo(root, world="tiny") == paths
     assert (paths.skills_dir / "math" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     # An interrupted build (marker missing, a skill gone) is rebuilt completely.
     (root / ".loramix-demo-complete").unlink()
     for f in (paths.skills_dir / "code").iterdir():
         f.unlink()
-    ensure_demo(root)
+    ensure_demo(root, world="tiny")
     assert _digest(paths.skills_dir / "code") == _digest(demo_paths.skills_dir / "code")
 
 
@@ -93,7 +103,50 @@ def test_concurrent_ensure_demo_builds_once(tmp_path, demo_paths):
 
     root = tmp_path / "shared"
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(ensure_demo, [root, root]))
+        results = list(pool.map(lambda r: ensure_demo(r, world="tiny"), [root, root]))
     assert results[0] == results[1]
     for name, *_ in DEMO_SKILLS:
         assert _digest(root / "skills" / name) == _digest(demo_paths.skills_dir / name)
+
+
+def test_lab_world_installs_the_shipped_assets(tmp_path):
+    paths = ensure_demo(tmp_path / "lab", world="lab")
+    assert sorted(p.name for p in paths.skills_dir.iterdir()) == sorted(LAB_SKILLS)
+    assert _digest(paths.base_dir) == _digest(LAB_ASSETS / "base")
+    for skill in LAB_SKILLS:
+        assert _digest(paths.skills_dir / skill) == _digest(LAB_ASSETS / "skills" / skill)
+        config = json.loads((paths.skills_dir / skill / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "loramix-skill-lab"
+    config = json.loads((paths.base_dir / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] == 64
+    model = AutoModelForCausalLM.from_pretrained(paths.base_dir)
+    assert next(model.parameters()).dtype == torch.float32
+    assert json.loads(describe_demo(paths))["skills"] == {"add": 16, "reverse": 8, "sort": 8, "upper": 8}
+
+
+def test_switching_world_reinstalls(tmp_path):
+    root = tmp_path / "demo"
+    ensure_demo(root, world="lab")
+    tiny = ensure_demo(root, world="tiny")
+    assert sorted(p.name for p in tiny.skills_dir.iterdir()) == sorted(name for name, *_ in DEMO_SKILLS)
+    lab = ensure_demo(root, world="lab")
+    assert sorted(p.name for p in lab.skills_dir.iterdir()) == sorted(LAB_SKILLS)
+    assert _digest(lab.base_dir) == _digest(LAB_ASSETS / "base")
+
+
+def test_lab_tokenizer_speaks_the_task_format(tmp_path):
+    paths = ensure_demo(tmp_path / "lab", world="lab")
+    tok = AutoTokenizer.from_pretrained(paths.base_dir)
+    ids = tok.encode("reverse: abc =>")
+    assert ids[0] == tok.bos_token_id and len(ids) == 1 + len("reverse: abc =>")
+    assert tok.decode(ids, skip_special_tokens=True) == "reverse: abc =>"
+    chat = tok.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "upper: abc =>"}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    assert chat == "<|bos|>upper: abc =>"
+
+
+def test_unknown_world_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo world"):
+        ensure_demo(tmp_path / "x", world="nosuch")
