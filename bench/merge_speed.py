@@ -205,7 +205,7 @@ def print_table(rows, layers, peft_layers):
         peft_s = _fmt(r.get("peft_s"), ".2f") + (" extrap." if r.get("peft_extrapolated") else "")
         ours_s = f"{r['loramix_s']:.2f}" + (" extrap." if r.get("loramix_extrapolated") else "")
         print(f"| {r['method']} ({r['peft_method'] or 'n/a'}) | {ours_s} | {peft_s} | "
-              f"{_fmt(speedup, '.0f')}× | {_fmt(r['loramix_error'], '.2e')} | {_fmt(r.get('peft_error'), '.2e')} | "
+              f"{_fmt(speedup, '.0f' if speedup and speedup >= 10 else '.2f')}× | {_fmt(r['loramix_error'], '.2e')} | {_fmt(r.get('peft_error'), '.2e')} | "
               f"{r['loramix_extra_mb']:.0f} | {_fmt(r.get('peft_extra_mb'), '.0f')} |")
 
 
