@@ -5,7 +5,7 @@ a subprocess and sends /v1/completions requests with max_tokens=1 over one keep-
 connection, interleaving the three kinds so drift hits all equally:
 
   base     model = the base model (no adapter)
-  cached   model = "math+code" (merged once during warm-up)
+  cached   model = "reverse+upper" (merged once during warm-up)
   cold     model = a composition never seen before (weights differ each time): merge + save
            + engine registration + the request
 
@@ -93,7 +93,7 @@ def timed_request(client: httpx.Client, model: str) -> tuple[float, float]:
 
 def measure(client: httpx.Client, rounds: int, method: str) -> tuple[dict, dict]:
     """Per kind: end-to-end request seconds and server-side compose seconds."""
-    cached = f"math+code@{method}"
+    cached = f"reverse+upper@{method}"
     for _ in range(3):  # warm-up: merges `cached`, loads code paths
         timed_request(client, BASE_NAME)
         timed_request(client, cached)
@@ -101,7 +101,7 @@ def measure(client: httpx.Client, rounds: int, method: str) -> tuple[dict, dict]
     compose: dict[str, list[float]] = {"base": [], "cached": [], "cold": []}
     for i in range(rounds):
         weight = 0.5 + (i + 1) * 1e-4  # a new composition (new key) every round
-        models = {"base": BASE_NAME, "cached": cached, "cold": f"math*{weight}+code*{1 - weight}@{method}"}
+        models = {"base": BASE_NAME, "cached": cached, "cold": f"reverse*{weight}+upper*{1 - weight}@{method}"}
         for kind, model in models.items():
             total, server_compose = timed_request(client, model)
             times[kind].append(total)

@@ -266,7 +266,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     from server.demo import ensure_demo
 
-    demo = ensure_demo(work / "demo")
+    demo = ensure_demo(work / "demo", world="tiny")  # the compositions below name its skills
     rows: list[Row] = []
     for engine in args.engines:
         print(f"loramix, {engine} engine ...", file=sys.stderr, flush=True)
