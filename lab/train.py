@@ -3,11 +3,13 @@ LoRA per skill trained on that skill's data. Deterministic for a given seed.
 
     python -m lab.train --out lab/assets            # GPU: about two minutes on one H200
     python -m lab.train --out /tmp/lab --quick      # CPU smoke run (tiny step counts)
+    python -m lab.train --out lab/assets --mixes-only lab/assets/base
+                                                    # only the data-mixing baselines (GPU: ~1 min)
 
 Imports only torch, transformers, peft, tokenizers, safetensors and lab modules, so it runs on
 a bare GPU machine. Writes out/base (model + tokenizer, bf16 weights) and out/skills/<task>
 (PEFT adapters), out/train_report.json with the dev/test figures it measured and
-out/train_log.txt.
+out/train_log.txt; with --mixes-only, out/baselines/mix-<tasks> and out/baselines/report.json.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ SKILL_RANKS = {"reverse": 8, "upper": 8, "sort": 8, "add": 16, "lookup": 16}
 # stays a task of the world without a skill. Each skill's training depends only on the base
 # and its own seeds, so this list does not change the other skills.
 SHIPPED_SKILLS = ("reverse", "upper", "sort", "add")
+# Data-mixing baselines (LoRA Soups' "data mixing"): one LoRA trained on the union of the
+# skills' training data, for each merge bench/quality.py scores. Rank 16, the largest skill rank.
+MIXES = (("reverse", "upper"), ("sort", "add"), ("reverse", "upper", "sort"), ("upper", "sort", "add"),
+         SHIPPED_SKILLS)
+MIX_RANK = 16
+
+
+def mix_name(tasks) -> str:
+    return "mix-" + "+".join(tasks)
 
 
 @dataclass
@@ -177,14 +188,14 @@ def round_to_bf16(model) -> None:
             p.copy_(p.to(torch.bfloat16).to(p.dtype))
 
 
-def replay_pool(model, tokenizer, task: str, plan: Plan) -> list[tuple[str, str]]:
+def replay_pool(model, tokenizer, tasks: tuple[str, ...], plan: Plan) -> list[tuple[str, str]]:
     """The base model's own greedy answers on other tasks' training prompts (no labels from
     those tasks): replaying them keeps a skill from overwriting the base elsewhere."""
     from lab.evaluate import greedy_answers
 
     prompts = []
     for other in TASKS:
-        if other != task:
+        if other not in tasks:
             stream = train_stream(other, seed=99)
             prompts += [next(stream).prompt for _ in range(plan.replay_pool)]
     model.eval()
@@ -192,35 +203,59 @@ def replay_pool(model, tokenizer, task: str, plan: Plan) -> list[tuple[str, str]
     return [(p, a) for p, a in zip(prompts, answers) if a and a.strip() and len(a) <= 10]
 
 
-def train_skill(base, tokenizer, batcher, task: str, plan: Plan, log):
-    """A LoRA for `task` on its own training data (+ base replay); early stop on dev."""
+def train_lora(base, tokenizer, batcher, tasks: tuple[str, ...], rank: int, seed: int, plan: Plan, log):
+    """A LoRA on `tasks`' own training data, equally mixed (+ base replay on the other tasks);
+    early stop once the mean dev accuracy over `tasks` reaches the plan's target."""
     from peft import LoraConfig, get_peft_model
 
-    rank = SKILL_RANKS[task]
-    torch.manual_seed(1000 + ALL_TASKS.index(task))
-    pool = replay_pool(base, tokenizer, task, plan)
+    torch.manual_seed(1000 + seed)
+    pool = replay_pool(base, tokenizer, tasks, plan)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(PROJECTIONS))
     model = get_peft_model(copy.deepcopy(base), config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.skill_lr, weight_decay=0.0)
-    rng = random.Random(2000 + ALL_TASKS.index(task))
-    stream = train_stream(task, seed=1)
-    dev = {task: dev_set(task, plan.eval_count)}
+    rng = random.Random(2000 + seed)
+    streams = {task: train_stream(task, seed=1) for task in tasks}
+    dev = {task: dev_set(task, plan.eval_count) for task in tasks}
     n_replay = int(plan.skill_batch * plan.replay_fraction) if pool else 0
     history, acc = [], 0.0
     for step in range(1, plan.skill_max_steps + 1):
-        pairs = [(e.prompt, e.answer) for e in (next(stream) for _ in range(plan.skill_batch - n_replay))]
+        # (One task draws nothing from rng, so single skills reproduce the shipped ones.)
+        chosen = [tasks[rng.randrange(len(tasks))] if len(tasks) > 1 else tasks[0]
+                  for _ in range(plan.skill_batch - n_replay)]
+        pairs = [(e.prompt, e.answer) for e in (next(streams[t]) for t in chosen)]
         pairs += rng.sample(pool, n_replay) if n_replay else []
         model.train()
         loss = _step(model, optimizer, batcher(pairs))
         if step % plan.skill_eval_every == 0:
             model.eval()
-            acc = score(model, tokenizer, dev)[task]
+            accs = score(model, tokenizer, dev)
+            acc = sum(accs.values()) / len(accs)
             history.append({"step": step, "loss": round(loss, 4), "dev": round(acc, 3)})
             if acc >= plan.skill_target:
                 break
-    log(f"skill {task} r{rank}: {step} steps, dev {acc:.3f}")
+    log(f"lora {'+'.join(tasks)} r{rank}: {step} steps, dev {acc:.3f}")
     return model, {"rank": rank, "steps": step, "dev": acc, "history": history}
+
+
+def train_skill(base, tokenizer, batcher, task: str, plan: Plan, log):
+    """A LoRA for `task` on its own training data (+ base replay); early stop on dev."""
+    return train_lora(base, tokenizer, batcher, (task,), SKILL_RANKS[task], ALL_TASKS.index(task), plan, log)
+
+
+def train_mixes(base, tokenizer, batcher, plan: Plan, out: Path, log) -> dict:
+    """The data-mixing baselines of MIXES, saved as out/baselines/mix-<tasks>; their reports."""
+    test = {t: heldout_set(t, plan.eval_count) for t in ALL_TASKS}
+    reports = {}
+    for index, tasks in enumerate(MIXES):
+        model, info = train_lora(base, tokenizer, batcher, tasks, MIX_RANK, 100 + index, plan, log)
+        model.eval()
+        info["test"] = score(model, tokenizer, test)
+        log(f"test {mix_name(tasks)} " + json.dumps(info["test"]))
+        save_skill(model, out / "baselines" / mix_name(tasks))
+        reports[mix_name(tasks)] = info
+        del model
+    return reports
 
 
 def save_base(model, tokenizer, out: Path) -> None:
@@ -252,6 +287,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixes-only", type=Path, default=None, metavar="BASE_DIR",
+                        help="train only the data-mixing baselines on the base model in BASE_DIR")
     args = parser.parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
     torch.manual_seed(0)
@@ -267,6 +304,15 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     tokenizer = build_tokenizer()
     batcher = Batcher(tokenizer, device)
+    if args.mixes_only is not None:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(
+            args.mixes_only, dtype=torch.float32, attn_implementation="eager").to(device).eval()
+        report = {"plan": plan.__dict__, "mixes": train_mixes(base, tokenizer, batcher, plan, args.out, log)}
+        (args.out / "baselines" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "baselines" / "train_log.txt").write_text("\n".join(lines) + "\n")
+        return
     base = build_base(tokenizer).to(device)
     log(f"base parameters: {sum(p.numel() for p in base.parameters()):,}")
     report = {"plan": plan.__dict__, "base_training": train_base(base, tokenizer, batcher, plan, log)}

@@ -15,6 +15,7 @@ from merging.errors import (
     MergeError,
     NonFiniteResultError,
 )
+from merging.learned_cat import TuneResult, tune_cat
 from merging.merge import MergeResult, check_compatible, compress, merge
 from merging.registry import MERGE_ALGORITHM_VERSION, METHODS, MethodSpec, OptionSpec, get_method, validate_options
 
@@ -31,6 +32,7 @@ __all__ = [
     "MethodSpec",
     "NonFiniteResultError",
     "OptionSpec",
+    "TuneResult",
     "adapter_digest",
     "check_compatible",
     "compress",
@@ -38,5 +40,6 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
+    "tune_cat",
     "validate_options",
 ]

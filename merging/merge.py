@@ -7,7 +7,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -71,8 +71,29 @@ def _resolve_rank(method: str, rank: int | None, adapters: Sequence[LoraAdapter]
     return rank
 
 
+def _check_module_weights(
+    module_weights: Mapping[str, Sequence[float]], adapters: Sequence[LoraAdapter]
+) -> dict[str, list[float]]:
+    """Per-module weights (one per adapter, in the adapters' order) for modules of the adapters."""
+    known = {m for a in adapters for m in a.modules}
+    unknown = sorted(set(module_weights) - known)
+    if unknown:
+        listed = ", ".join(repr(m) for m in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise InvalidMergeOptions(
+            f"module_weights name {len(unknown)} module(s) that no adapter has: {listed}", param="module_weights"
+        )
+    checked = {}
+    for module, row in module_weights.items():
+        try:
+            checked[module] = _check_weights(list(row), len(adapters))
+        except InvalidMergeOptions as exc:
+            raise InvalidMergeOptions(f"module_weights[{module!r}]: {exc}", param="module_weights") from None
+    return checked
+
+
 def _module_inputs(module, adapters, weights, dtype) -> ModuleInputs:
-    picked = [(a.modules[module], w) for a, w in zip(adapters, weights) if module in a.modules]
+    # A zero weight leaves the adapter out of this module (it must not vote in TIES either).
+    picked = [(a.modules[module], w) for a, w in zip(adapters, weights) if module in a.modules and w != 0.0]
     return ModuleInputs(
         module,
         [m.lora_a.to(dtype) for m, _ in picked],
@@ -95,11 +116,16 @@ def merge(
     *,
     names: Sequence[str] | None = None,
     options: dict | None = None,
+    module_weights: Mapping[str, Sequence[float]] | None = None,
     compute_dtype: torch.dtype = torch.float32,
     check_base_model: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Merge `adapters` with `weights` (default: equal, summing to 1) by `method`.
+
+    `module_weights` ({module: one weight per adapter}, e.g. learned by `loramix tune-cat`)
+    replaces `weights` in the modules it names; an adapter whose global weight is 0 is left
+    out everywhere.
 
     Returns the merged adapter (scaling 1 per module, factors in `compute_dtype`, saved in the
     inputs' dtype) and an info dict: method, rank, options, seconds, num_modules and
@@ -114,11 +140,13 @@ def merge(
     spec = get_method(method)
     opts = validate_options(method, options)
     check_compatible(adapters, names, check_base_model=check_base_model)
+    per_module = _check_module_weights(module_weights or {}, adapters)
     # A zero weight means "absent": it must not vote in TIES' sign election or count in its mean.
     kept = [i for i, w in enumerate(weights) if w != 0.0]
     if not kept:
         raise InvalidMergeOptions("every weight is zero: nothing to merge", param="weights")
     adapters, weights = [adapters[i] for i in kept], [weights[i] for i in kept]
+    per_module = {m: [row[i] for i in kept] for m, row in per_module.items()}
     target_rank = _resolve_rank(method, rank, adapters)
     fn = spec.fn
     if len(adapters) == 1 and spec.name in PRUNING_METHODS:
@@ -127,7 +155,9 @@ def merge(
     modules: dict[str, LoraModule] = {}
     sums = {"exact": 0.0, "error": 0.0, "target": 0.0, "residual": 0.0}
     for module in sorted({m for a in adapters for m in a.modules}):
-        inputs = _module_inputs(module, adapters, weights, compute_dtype)
+        inputs = _module_inputs(module, adapters, per_module.get(module, weights), compute_dtype)
+        if not inputs.lora_as:
+            continue  # every weight of this module is zero: ΔW = 0, nothing to store
         extra = {"generator": _generator(opts["seed"], module)} if spec.uses_seed else {}
         out = fn(inputs, target_rank, **opts, **extra)
         if not (all_finite(out.lora_a) and all_finite(out.lora_b)):
@@ -150,6 +180,7 @@ def merge(
         "rank": merged.max_rank,
         "options": opts,
         "weights": weights,
+        "module_weights": len(per_module),
         "num_modules": len(modules),
         "exact": spec.exact,
         "relative_error": _ratio(sums["error"], sums["exact"]),

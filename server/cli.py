@@ -96,5 +96,52 @@ def merge(
     typer.echo(summary_line(result))
 
 
+# --- tune-cat: learned CAT weights (server.tuning), saved as a named composition.
+@app.command("tune-cat")
+def tune_cat(
+    skills: list[str] = typer.Argument(..., help="Two or more skill names (sub-directories of the skills directory)."),
+    data: Path = typer.Option(..., help='JSONL training data: one {"prompt": ..., "completion": ...} per line.'),
+    name: str = typer.Option(..., help="Name of the composition to save; clients use it as `model`."),
+    steps: int = typer.Option(300, help="Optimizer steps."),
+    lr: float = typer.Option(0.05, help="Adam learning rate of the weight logits."),
+    batch_size: int = typer.Option(32, help="Examples per step."),
+    seed: int = typer.Option(0, help="Seed (batches and held-out split)."),
+    base_model: Optional[Path] = typer.Option(None, help="Base model directory (default: the demo model)."),
+    skills_dir: Optional[Path] = typer.Option(None, "--skills-dir", "--skills", help="Skills directory (default: the demo skills)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="The server's cache directory, where named compositions live."),
+    demo_dir: Optional[Path] = typer.Option(None, help="Where the demo is built when no base model is given."),
+    device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+) -> None:
+    """Learn one weight per skill per module (LoRA Soups' CAT) on a little data and save the
+    result as a named composition the server serves (no restart needed)."""
+    import merging
+    from server.tuning import tune_and_save
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    flags = {"base_model": base_model, "skills_dir": skills_dir, "cache_dir": cache_dir, "demo_dir": demo_dir}
+    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+
+    def progress(step: int, loss: float) -> None:
+        if not quiet and (step == 1 or step % 50 == 0 or step == steps):
+            typer.echo(f"step {step}/{steps} loss {loss:.4f}", err=True)
+
+    try:
+        result, spec = tune_and_save(
+            settings, skills, data, name, device=device, progress=progress,
+            steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+        )
+    except (merging.MergeError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    info = result.info
+    weights = ", ".join(f"{n} {w:.3f}" for n, w in zip(skills, info["mean_weights"]))
+    typer.echo(
+        f"saved '{name}': cat of {'+'.join(skills)} with learned weights for {len(result.module_weights)} modules "
+        f"(mean {weights}); held-out loss {info['heldout_loss_before']:.4f} (equal weights) -> "
+        f"{info['heldout_loss_after']:.4f}; {info['train_examples']} examples, {info['seconds']:.1f} s"
+    )
+
+
 if __name__ == "__main__":
     app()

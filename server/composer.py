@@ -148,6 +148,7 @@ class Composer:
         result = merging.merge(
             adapters, spec.weights, method=spec.method, rank=spec.rank,
             names=spec.skill_names, options=dict(spec.options),
+            module_weights={module: list(row) for module, row in spec.module_weights},
         )
         adapter, info = result.adapter, dict(result.info)
         max_rank = self.engine.max_lora_rank

@@ -11,6 +11,10 @@ Model-string grammar (whitespace is not allowed):
 `math*0.7+code*0.3` uses the weights as given (either every term has a weight or none has);
 `math+code@lego(k=8)` picks the method and its options. The option `rank` sets the target
 rank of the merged adapter.
+
+Per-module weights (`module_weights`, as learned by `loramix tune-cat`) do not fit in a model
+string: they come in the `composition` field or with a named composition. The model string
+of such a spec names them by digest (`...@cat(module_weights=<12 hex>)`) for display only.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class CompositionSpec:
     method: str
     options: tuple[tuple[str, Any], ...] = ()
     rank: int | None = None
+    # (module, one weight per skill in `skills` order), sorted by module; empty: none.
+    module_weights: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     @property
     def skill_names(self) -> list[str]:
@@ -69,7 +75,16 @@ class CompositionSpec:
             "options": dict(self.options),
             "rank": self.rank,
         }
+        if self.module_weights:  # absent otherwise, so keys of plain compositions never change
+            body["module_weights"] = {module: list(row) for module, row in self.module_weights}
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+    def module_weights_digest(self) -> str:
+        """12 hex digits naming the per-module weights ("" when there are none)."""
+        if not self.module_weights:
+            return ""
+        text = json.dumps([[m, list(row)] for m, row in self.module_weights], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def model_string(self) -> str:
         """The canonical model string, which parses back to this spec."""
@@ -77,6 +92,8 @@ class CompositionSpec:
         options = dict(self.options)
         if self.rank is not None:
             options["rank"] = self.rank
+        if self.module_weights:
+            options["module_weights"] = self.module_weights_digest()
         suffix = ""
         if options:
             suffix = "(" + ",".join(f"{key}={_format_value(value)}" for key, value in sorted(options.items())) + ")"
@@ -151,6 +168,10 @@ def parse_model_string(model: str) -> CompositionRequest:
     if "@" in method_text:
         raise invalid_composition("The model string has more than one '@'.", "model")
     method, options = _parse_method(method_text) if method_text else (None, {})
+    if "module_weights" in options:
+        raise invalid_composition(
+            "Per-module weights cannot be given in a model string; send them in the `composition` "
+            "field or use a named composition (e.g. one made by `loramix tune-cat`).", "model")
     rank = options.pop("rank", None)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise invalid_composition("Option 'rank' must be a positive integer.", "model")
@@ -197,7 +218,30 @@ def canonical_spec(
             err.param = f"{param_prefix}.method"
         raise err from None
     skills = tuple(sorted((skill.name, float(skill.weight)) for skill in request.skills))
-    return CompositionSpec(skills=skills, method=method, options=tuple(sorted(normalized.items())), rank=rank)
+    module_weights = _canonical_module_weights(request, names, param=f"{param_prefix}.module_weights")
+    return CompositionSpec(
+        skills=skills, method=method, options=tuple(sorted(normalized.items())), rank=rank,
+        module_weights=module_weights,
+    )
+
+
+def _canonical_module_weights(
+    request: CompositionRequest, names: list[str], *, param: str
+) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """Rows reordered from the request's skill order to the canonical (sorted) one. Module
+    names are checked against the adapters when merging."""
+    if not request.module_weights:
+        return ()
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    rows = []
+    for module, row in sorted(request.module_weights.items()):
+        if len(row) != len(names):
+            raise invalid_composition(
+                f"module_weights['{module}'] has {len(row)} weights for {len(names)} skills.", param)
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in row):
+            raise invalid_composition(f"module_weights['{module}'] must hold finite numbers.", param)
+        rows.append((module, tuple(float(row[i]) for i in order)))
+    return tuple(rows)
 
 
 def spec_from_model_string(model: str, *, default_method: str) -> CompositionSpec:

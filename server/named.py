@@ -23,6 +23,7 @@ def spec_to_dict(spec: CompositionSpec) -> dict:
         "method": spec.method,
         "options": dict(spec.options),
         "rank": spec.rank,
+        "module_weights": {module: list(row) for module, row in spec.module_weights},
     }
 
 
@@ -32,16 +33,38 @@ def spec_from_dict(data: dict) -> CompositionSpec:
         method=str(data["method"]),
         options=tuple(sorted(data.get("options", {}).items())),
         rank=data.get("rank"),
+        module_weights=tuple(
+            (str(module), tuple(float(w) for w in row)) for module, row in sorted(data.get("module_weights", {}).items())
+        ),
     )
 
 
 class NamedCompositions:
-    """name -> CompositionSpec, persisted as one JSON file (written atomically)."""
+    """name -> CompositionSpec, persisted as one JSON file (written atomically).
+
+    The file is re-read when it changes on disk, so names saved by another process (e.g.
+    `loramix tune-cat` while the server runs) are served without a restart.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / FILE_NAME
         self._lock = threading.Lock()
+        self._stamp = self._file_stamp()
         self._entries: dict[str, dict] = self._read()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _refresh(self) -> None:
+        """Re-read the file if another writer changed it (call with the lock held)."""
+        stamp = self._file_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._entries = self._read()
 
     def _read(self) -> dict[str, dict]:
         try:
@@ -56,31 +79,38 @@ class NamedCompositions:
             return {}
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self._entries, sort_keys=True, indent=1))
         os.replace(tmp, self.path)
+        self._stamp = self._file_stamp()
 
     def get(self, name: str) -> CompositionSpec | None:
         with self._lock:
+            self._refresh()
             entry = self._entries.get(name)
         return spec_from_dict(entry["spec"]) if entry is not None else None
 
     def created(self, name: str) -> float | None:
         with self._lock:
+            self._refresh()
             entry = self._entries.get(name)
         return entry["created"] if entry is not None else None
 
     def names(self) -> list[str]:
         with self._lock:
+            self._refresh()
             return sorted(self._entries)
 
     def put(self, name: str, spec: CompositionSpec) -> None:
         with self._lock:
+            self._refresh()
             self._entries[name] = {"spec": spec_to_dict(spec), "created": time.time()}
             self._write()
 
     def delete(self, name: str) -> bool:
         with self._lock:
+            self._refresh()
             if self._entries.pop(name, None) is None:
                 return False
             self._write()

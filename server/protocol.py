@@ -61,6 +61,11 @@ class CompositionRequest(StrictModel):
     method: str | None = Field(None, description="Merge method (default: the server's default method).")
     options: dict[str, Any] = Field(default_factory=dict, description="Options of the merge method.")
     rank: int | None = Field(None, ge=1, description="Target rank of the merged adapter.")
+    module_weights: dict[str, list[float]] | None = Field(
+        None,
+        description="Per-module weights, {module: one weight per skill in `skills` order}, e.g. from "
+        "`loramix tune-cat`; they replace the skills' weights in the modules they name.",
+    )
 
     @field_validator("skills", mode="before")
     @classmethod

@@ -217,3 +217,49 @@ def test_kth_largest_is_exact_on_large_tensors():
     values = torch.randn(5_000_000, generator=torch.Generator().manual_seed(0)).abs()
     for keep in (1, 1_234_567, 2_500_000, 4_999_999):
         assert kth_largest(values, keep) == values.kthvalue(values.numel() - keep + 1).values
+
+
+# ---------------------------------------------------------------- per-module weights
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_module_weights_equal_to_the_global_weights_change_nothing(method):
+    adapters = [random_adapter(1), random_adapter(2, rank=3)]
+    plain = merge(adapters, [0.6, 0.4], method=method).adapter
+    same = {module: [0.6, 0.4] for module in MODULE_SHAPES}
+    with_rows = merge(adapters, [0.6, 0.4], method=method, module_weights=same).adapter
+    for module in MODULE_SHAPES:
+        assert torch.equal(merged_delta(plain, module), merged_delta(with_rows, module))
+
+
+def test_module_weights_replace_the_weights_only_in_their_modules():
+    adapters = [random_adapter(1), random_adapter(2, rank=3)]
+    rows = {"layers.0.q": [0.9, 0.1], "layers.1.down": [0.0, 2.0]}
+    merged = merge(adapters, [0.5, 0.5], method="cat", module_weights=rows).adapter
+    for module in MODULE_SHAPES:
+        expected = weighted_delta(adapters, rows.get(module, [0.5, 0.5]), module)
+        assert rel(merged_delta(merged, module), expected) < 1e-6
+    # A zero in a row leaves that adapter out of the module: only the second's rank remains.
+    assert merged.modules["layers.1.down"].rank == 3
+
+
+def test_module_weights_follow_zero_dropped_adapters():
+    adapters = [random_adapter(1), random_adapter(2), random_adapter(3)]
+    rows = {"layers.0.v": [0.2, 5.0, 0.8]}
+    merged = merge(adapters, [0.5, 0.0, 0.5], method="cat", module_weights=rows).adapter
+    expected = weighted_delta([adapters[0], adapters[2]], [0.2, 0.8], "layers.0.v")
+    assert rel(merged_delta(merged, "layers.0.v"), expected) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ({"layers.9.q": [0.5, 0.5]}, "no adapter has"),
+        ({"layers.0.q": [0.5]}, "1 weights for 2 adapters"),
+        ({"layers.0.q": [0.5, float("inf")]}, "not a finite number"),
+    ],
+)
+def test_bad_module_weights_raise_with_param(rows, needle):
+    with pytest.raises(InvalidMergeOptions, match=needle) as info:
+        merge([random_adapter(1), random_adapter(2)], method="cat", module_weights=rows)
+    assert info.value.param == "module_weights"

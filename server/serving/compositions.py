@@ -34,6 +34,10 @@ def describe(state: ServerState, spec: CompositionSpec, name: str | None = None)
         "options": dict(spec.options),
         "requested_rank": spec.rank,
         "skills": [{"name": skill, "weight": weight} for skill, weight in spec.skills],
+        "module_weights": (
+            {"modules": len(spec.module_weights), "digest": spec.module_weights_digest()}
+            if spec.module_weights else None
+        ),
         "cached": composer.cache.tier(key),
         "rank": info.get("rank"),
         "merge_seconds": info.get("merge_seconds"),
