@@ -5,13 +5,15 @@ kernels/configs/<gpu name>.json (spaces -> '_', e.g. NVIDIA_H200.json) holds, pe
 min_<dim> / max_<dim> bounds all hold overrides the built-in defaults. "fused_when" (rules of
 the same bounds, any match) picks the fused kernel over shrink+expand; its "slots" is
 min(num_slots, num_tokens), a bound on the active adapters known without a device sync.
-Nothing is autotuned while serving.
+"records_when" / "pdl_when" (same form) switch on the kernel variants of `Variant`; absent,
+the kernels run as v2 (bench/kernels_notes.md). Nothing is autotuned while serving.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +34,54 @@ class Launch:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Kernel variant: constexpr switches of the same kernels (v2 = all off).
+
+    records: tile prologue from one record row per tile (LoraBatchMeta.tile_records).
+    pdl:     unfused pair only: programmatic dependent launch of the expand (Hopper+).
+    table:   config table stem in kernels/configs/ used instead of the GPU's own (bench).
+    """
+
+    records: bool = False
+    pdl: bool = False
+    table: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        """'v2', 'rec', 'pdl', 'rec+pdl', each optionally '@<table stem>'."""
+        flags, _, table = spec.partition("@")
+        parts = set(flags.split("+")) - {"v2", ""}
+        if not parts <= {"rec", "pdl"}:
+            raise ValueError(f"unknown kernel variant {spec!r}: use v2, rec, pdl, rec+pdl "
+                             f"with an optional @<config table>")
+        if table and not (CONFIG_DIR / f"{table}.json").is_file():
+            raise ValueError(f"no config table kernels/configs/{table}.json")
+        return cls(records="rec" in parts, pdl="pdl" in parts, table=table or None)
+
+    def config_name(self, gpu_name: str) -> str:
+        return self.table or gpu_name
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """griddepcontrol needs a compiled kernel on compute capability >= 9.0."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@functools.cache
+def pick_variant(gpu_name: str, num_tokens: int, num_slots: int, rank: int,
+                 hidden_in: int) -> Variant:
+    """The variant the GPU's table picks ("records_when" / "pdl_when"); v2 without rules."""
+    table = tuned_table(gpu_name)
+    shape = dict(tokens=num_tokens, slots=min(num_slots, num_tokens), rank=rank,
+                 hidden_in=hidden_in)
+    on = lambda key: any(_matches(rule, shape) for rule in table.get(key, []))  # noqa: E731
+    return Variant(records=on("records_when"), pdl=on("pdl_when"))
 
 
 def block_r(rank: int) -> int:

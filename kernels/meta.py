@@ -25,6 +25,9 @@ class LoraBatchMeta:
                      one entry per block of <= block_m tokens of one slot (positions
                      [tile_start, min(tile_start + block_m, slot_end[slot])) of
                      sorted_tokens), slot -1 = unused entry
+    records:         block_m -> [max_tiles, block_m + RECORD_EXTRA] int32: per tile its token
+                     indices (-1 = none) and, at column block_m, its slot (-1 = unused): a
+                     tile's prologue in one round trip (Variant.records)
     counters:        [MAX_PIECES, max_tiles(block_m=16), 2] int32 zeros: the fused kernel's
                      per-tile barrier (it leaves them at zero; one stream at a time per meta)
     """
@@ -38,6 +41,7 @@ class LoraBatchMeta:
     slot_end: torch.Tensor
     counters: torch.Tensor
     tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    records: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -50,6 +54,14 @@ class LoraBatchMeta:
                                             max_tiles(self.num_tokens, self.num_slots, block_m))
         return self.tiles[block_m]
 
+    def tile_records(self, block_m: int) -> torch.Tensor:
+        """One row per tile: token indices then slot (see class doc); on device, cached."""
+        if block_m not in self.records:
+            tile_slot, tile_start = self.tile_map(block_m)
+            self.records[block_m] = _records(tile_slot, tile_start, self.slot_end,
+                                             self.sorted_tokens, block_m)
+        return self.records[block_m]
+
 
 def max_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
     """Upper bound on (slot, token-block) tiles: every slot adds at most one partial block."""
@@ -59,6 +71,7 @@ def max_tiles(num_tokens: int, num_slots: int, block_m: int) -> int:
 DEFAULT_BLOCK_MS = (16, 32, 64)
 MIN_BLOCK_M = 16
 MAX_PIECES = 3  # output slices per launch (q/k/v)
+RECORD_EXTRA = 4  # slot + padding: a record row stays a multiple of 16 bytes
 
 
 def build_meta(slot_ids: torch.Tensor, num_slots: int, *, out: LoraBatchMeta | None = None,
@@ -86,6 +99,7 @@ def build_meta(slot_ids: torch.Tensor, num_slots: int, *, out: LoraBatchMeta | N
                           slot_end, counters)
     for block_m in DEFAULT_BLOCK_MS:
         fresh.tile_map(block_m)
+        fresh.tile_records(block_m)
     if out is None:
         return fresh
     _refill(out, fresh)
@@ -120,6 +134,23 @@ def _tile_map(slot_start: torch.Tensor, slot_len: torch.Tensor, block_m: int,
     return tile_slot, tile_start.to(torch.int32)
 
 
+def _records(tile_slot: torch.Tensor, tile_start: torch.Tensor, slot_end: torch.Tensor,
+             sorted_tokens: torch.Tensor, block_m: int) -> torch.Tensor:
+    # tile_slot, tile_start: [num_tiles] -> [num_tiles, block_m + RECORD_EXTRA]
+    num_tiles = tile_slot.numel()
+    rec = torch.full((num_tiles, block_m + RECORD_EXTRA), -1, dtype=torch.int32,
+                     device=tile_slot.device)
+    rec[:, block_m] = tile_slot
+    if sorted_tokens.numel() == 0:
+        return rec
+    pos = tile_start[:, None] + torch.arange(block_m, dtype=torch.int32, device=rec.device)
+    end = slot_end[tile_slot.clamp(min=0).long()]
+    valid = (pos < end[:, None]) & (tile_slot >= 0)[:, None]
+    tokens = sorted_tokens[pos.clamp(0, sorted_tokens.numel() - 1).long()]
+    rec[:, :block_m] = torch.where(valid, tokens, torch.full_like(tokens, -1))
+    return rec
+
+
 def _refill(out: LoraBatchMeta, fresh: LoraBatchMeta) -> None:
     if (out.num_tokens, out.num_slots) != (fresh.num_tokens, fresh.num_slots):
         raise ValueError(f"out meta is for {out.num_tokens} tokens / {out.num_slots} slots, "
@@ -132,3 +163,9 @@ def _refill(out: LoraBatchMeta, fresh: LoraBatchMeta) -> None:
                 dst.copy_(src)
         else:
             out.tiles[block_m] = fresh_map
+    for block_m in set(fresh.records) | set(out.records):
+        src = fresh.tile_records(block_m)
+        if block_m in out.records:
+            out.records[block_m].copy_(src)
+        else:
+            out.records[block_m] = src

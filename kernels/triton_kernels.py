@@ -6,12 +6,22 @@ fixed bound, which keeps launches CUDA-graph safe), the last axis the output sli
 q/k/v or gate/up, up to 3 slices per launch). Tokens are gathered through sorted_tokens, so rows of y
 whose slot is -1 are never read or written. Weights are contiguous:
 lora_a [S, R, K] and lora_b_i [S, N_i, R].
+
+Variants (kernels.launch.Variant, constexpr flags, v2 = all off):
+- RECORDS: the tile prologue reads one record row (token ids + slot, LoraBatchMeta.
+  tile_records) instead of tile_slot/tile_start -> slot_end -> sorted_tokens: one dependent
+  round trip instead of three. The host then passes the record table for all four tile args.
+- PDL (unfused pair): the shrink lets the expand launch early (griddepcontrol); the expand
+  loads its tile rows, B and y before waiting for the shrink, and only the split-K
+  partials after. GDC emits the griddepcontrol instructions (compiled Hopper+ only; the
+  interpreter runs the same PDL ordering without them).
 """
 
 import triton
 import triton.language as tl
 
 MAX_SPINS = tl.constexpr(1 << 22)
+RECORD_EXTRA = tl.constexpr(4)  # = kernels.meta.RECORD_EXTRA
 
 
 @triton.jit
@@ -40,14 +50,22 @@ def _dot(a, b, DOT_UPCAST: tl.constexpr):
 
 @triton.jit
 def _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr, tile,
-               BLOCK_M: tl.constexpr):
-    """(slot, token indices [BLOCK_M], row mask) of one tile; slot < 0 for an unused tile."""
-    slot = tl.load(tile_slot_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(slot_end_ptr + tl.maximum(slot, 0))
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end  # an unused tile (slot < 0) is skipped by the caller
-    tokens = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+               BLOCK_M: tl.constexpr, RECORDS: tl.constexpr):
+    """(slot, token indices [BLOCK_M], row mask) of one tile; slot < 0 for an unused tile.
+    With RECORDS, tile_slot_ptr is the record table [tiles, BLOCK_M + RECORD_EXTRA]."""
+    if RECORDS:
+        row = tile_slot_ptr + tile.to(tl.int64) * (BLOCK_M + RECORD_EXTRA)
+        slot = tl.load(row + BLOCK_M)
+        ids = tl.load(row + tl.arange(0, BLOCK_M))  # same round trip as the slot
+        mask_m = ids >= 0
+        tokens = tl.maximum(ids, 0).to(tl.int64)
+    else:
+        slot = tl.load(tile_slot_ptr + tile)
+        start = tl.load(tile_start_ptr + tile)
+        end = tl.load(slot_end_ptr + tl.maximum(slot, 0))
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end  # an unused tile (slot < 0) is skipped by the caller
+        tokens = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     return slot, tokens, mask_m
 
 
@@ -80,22 +98,36 @@ def _scale_of(scale_ptr, scale_val, slot, HAS_SCALE_TENSOR: tl.constexpr):
 
 
 @triton.jit
-def _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, n_lo, N, R, col_offset, stride_ym,
-                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """y[tokens, col_offset + n] += buf @ b[slot, n, :].T for n in [n_lo, n_lo + BLOCK_N)."""
+def _load_b(b_ptr, slot, n_lo, N, R, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """[BLOCK_R, BLOCK_N] tile of b[slot, n_lo:n_lo+BLOCK_N, :].T (zeros outside)."""
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     b_base = b_ptr + slot.to(tl.int64) * N * R
-    bt = tl.load(b_base + offs_n[None, :] * R + offs_r[:, None],
-                 mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
-    # buf = hi + lo in B's dtype: two dots keep buf's float32 precision (the MMA is free here)
+    return tl.load(b_base + offs_n[None, :] * R + offs_r[:, None],
+                   mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+
+
+@triton.jit
+def _delta(buf, bt, DOT_UPCAST: tl.constexpr):
+    """buf @ bt in float32; buf = hi + lo in B's dtype: two dots keep buf's float32 precision
+    (the MMA is free here)."""
     if bt.dtype == tl.float32:
         delta = _dot(buf, bt, DOT_UPCAST)
     else:
         hi = buf.to(bt.dtype)
         lo = (buf - hi.to(tl.float32)).to(bt.dtype)
         delta = _dot(hi, bt, DOT_UPCAST) + _dot(lo, bt, DOT_UPCAST)
+    return delta
+
+
+@triton.jit
+def _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, n_lo, N, R, col_offset, stride_ym,
+                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """y[tokens, col_offset + n] += buf @ b[slot, n, :].T for n in [n_lo, n_lo + BLOCK_N)."""
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    bt = _load_b(b_ptr, slot, n_lo, N, R, BLOCK_N, BLOCK_R)
+    delta = _delta(buf, bt, DOT_UPCAST)
     y_ptrs = y_ptr + tokens[:, None] * stride_ym + (col_offset + offs_n)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
@@ -107,13 +139,16 @@ def shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, ws_ptr, scale_ptr, scale_val,
                   sorted_ptr, tile_slot_ptr, tile_start_ptr, slot_end_ptr,
                   K, R, split_k, stride_xm, stride_ws_split, stride_ws_m,
                   HAS_SCALE_TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_K: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                  BLOCK_K: tl.constexpr, DOT_UPCAST: tl.constexpr, RECORDS: tl.constexpr,
+                  GDC: tl.constexpr):
     # x: [T, K]; a_i: [S, R, K]; ws: [split_k, T, num_slices * R] float32 partial sums
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()  # the expand may start its prologue now
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
     piece = tl.program_id(2)
     slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
-                                      tile, BLOCK_M)
+                                      tile, BLOCK_M, RECORDS)
     if slot < 0:
         return
     a_ptr = _pick(piece, a0_ptr, a1_ptr, a2_ptr)
@@ -134,16 +169,24 @@ def expand_kernel(ws_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, n0, n1, n2, off0, off1,
                   sorted_ptr, tile_slot_ptr, tile_start_ptr, slot_end_ptr,
                   R, split_k, stride_ws_split, stride_ws_m, stride_ym,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_UPCAST: tl.constexpr):
+                  DOT_UPCAST: tl.constexpr, RECORDS: tl.constexpr, PDL: tl.constexpr,
+                  GDC: tl.constexpr):
     # ws: [split_k, T, num_slices * R] float32; b_i: [S, N_i, R]; y: [T, width]
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece = tl.program_id(2)
     N = _pick(piece, n0, n1, n2)
+    if PDL:
+        _expand_after_shrink(ws_ptr, _pick(piece, b0_ptr, b1_ptr, b2_ptr), y_ptr, N,
+                             _pick(piece, off0, off1, off2), sorted_ptr, tile_slot_ptr,
+                             tile_start_ptr, slot_end_ptr, tile, pid_n, piece, R, split_k,
+                             stride_ws_split, stride_ws_m, stride_ym, BLOCK_M, BLOCK_R,
+                             BLOCK_N, DOT_UPCAST, RECORDS, GDC)
+        return
     if pid_n * BLOCK_N >= N:
         return
     slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
-                                      tile, BLOCK_M)
+                                      tile, BLOCK_M, RECORDS)
     if slot < 0:
         return
     offs_r = tl.arange(0, BLOCK_R)
@@ -156,6 +199,37 @@ def expand_kernel(ws_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, n0, n1, n2, off0, off1,
     col_offset = _pick(piece, off0, off1, off2)
     _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, pid_n * BLOCK_N, N, R, col_offset,
                  stride_ym, BLOCK_N, BLOCK_R, DOT_UPCAST)
+
+
+@triton.jit
+def _expand_after_shrink(ws_ptr, b_ptr, y_ptr, N, col_offset, sorted_ptr, tile_slot_ptr,
+                         tile_start_ptr, slot_end_ptr, tile, pid_n, piece, R, split_k,
+                         stride_ws_split, stride_ws_m, stride_ym, BLOCK_M: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                         RECORDS: tl.constexpr, GDC: tl.constexpr):
+    """expand_kernel's PDL body: everything the shrink does not write (tile rows, B, y) is
+    loaded before the grid-dependency wait, the partials after. Every program waits (also
+    idle ones), so the expand never completes before the shrink."""
+    slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
+                                      tile, BLOCK_M, RECORDS)
+    n_lo = pid_n * BLOCK_N
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_end = tl.where(slot >= 0, N, 0)  # an unused tile masks everything
+    mask = mask_m[:, None] & (offs_n < n_end)[None, :]
+    bt = _load_b(b_ptr, tl.maximum(slot, 0), n_lo, N, R, BLOCK_N, BLOCK_R)
+    y_ptrs = y_ptr + tokens[:, None] * stride_ym + (col_offset + offs_n)[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    if GDC:
+        tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible
+    if (slot >= 0) & (n_lo < N):
+        offs_r = tl.arange(0, BLOCK_R)
+        ws_ptrs = ws_ptr + tokens[:, None] * stride_ws_m + (piece * R + offs_r)[None, :]
+        mask_r = mask_m[:, None] & (offs_r[None, :] < R)
+        buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for split in range(split_k):
+            buf += tl.load(ws_ptrs + split * stride_ws_split, mask=mask_r, other=0.0)
+        delta = _delta(buf, bt, DOT_UPCAST)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
 
 
 @triton.jit
@@ -187,7 +261,7 @@ def fused_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, w
                  K, R, num_parts, num_tiles, stride_xm, stride_ym, stride_ws_split, stride_ws_m,
                  HAS_SCALE_TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PHASE: tl.constexpr,
-                 DOT_UPCAST: tl.constexpr):
+                 DOT_UPCAST: tl.constexpr, RECORDS: tl.constexpr):
     # x: [T, K]; a_i: [S, R, K]; b_i: [S, N_i, R]; y: [T, width];
     # ws: [num_parts, T, pieces * R] float32; count: [pieces, max_tiles, 2] int32 (zeros).
     # Grid (num_tiles * num_parts, pieces): the num_parts programs of a tile each shrink one
@@ -197,7 +271,7 @@ def fused_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, w
     tile = tl.program_id(0) // num_parts
     piece = tl.program_id(1)
     slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
-                                      tile, BLOCK_M)
+                                      tile, BLOCK_M, RECORDS)
     if slot < 0:
         return
     offs_r = tl.arange(0, BLOCK_R)

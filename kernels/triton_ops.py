@@ -17,6 +17,7 @@ from kernels.meta import MAX_PIECES, MIN_BLOCK_M, LoraBatchMeta, build_meta
 from kernels.reference import checks_slices
 from kernels.triton_kernels import expand_kernel, fused_kernel, shrink_kernel
 
+V2 = launch.Variant()
 
 
 def _meta(meta: LoraBatchMeta | None, slot_ids, num_tokens, num_slots, device) -> LoraBatchMeta:
@@ -50,17 +51,31 @@ def _padded(items: list, fill) -> list:
     return items + [fill] * (MAX_PIECES - len(items))
 
 
-def _tiles(meta: LoraBatchMeta, block_m: int):
+def _tiles(meta: LoraBatchMeta, block_m: int, records: bool):
+    """The kernels' four tile arguments: (sorted, tile_slot, tile_start, slot_end), or the
+    record table four times (RECORDS reads only the second)."""
+    if records:
+        return (meta.tile_records(block_m),) * 4
     tile_slot, tile_start = meta.tile_map(block_m)
     return meta.sorted_tokens, tile_slot, tile_start, meta.slot_end
 
 
-def _shrink(x, lora_as, scaling, meta, ws=None) -> torch.Tensor:
+def _num_tiles(tiles) -> int:
+    return tiles[1].shape[0]
+
+
+def _pdl(variant: launch.Variant, device: torch.device) -> dict:
+    """Launch option and GDC flag of a PDL launch (none where griddepcontrol is unavailable)."""
+    return dict(launch_pdl=True) if variant.pdl and launch.pdl_supported(device) else {}
+
+
+def _shrink(x, lora_as, scaling, meta, ws=None, variant=V2) -> torch.Tensor:
     """ws [split_k, T, pieces * R] float32 partial sums of scaling * x @ a_i.T."""
     # x: [T, K], lora_as[i]: [S, R, K]
     num_tokens, hidden_in = x.shape
     rank, pieces = lora_as[0].shape[1], len(lora_as)
     gpu, num_sms = launch.device_key(x.device)
+    gpu = variant.config_name(gpu)
     cfg = launch.shrink_launch(gpu, num_sms, num_tokens, meta.num_slots, hidden_in, rank, pieces)
     if ws is None:
         ws = torch.empty(cfg.split_k, num_tokens, pieces * rank, dtype=torch.float32,
@@ -68,52 +83,55 @@ def _shrink(x, lora_as, scaling, meta, ws=None) -> torch.Tensor:
     cfg = dataclasses.replace(cfg, split_k=ws.shape[0])
     scale_ptr, scale_val, has_scale = _scale_args(scaling, x)
     a = _padded(lora_as, lora_as[0])
-    tiles = _tiles(meta, cfg.block_m)
-    grid = (tiles[1].numel(), cfg.split_k, pieces)
+    tiles = _tiles(meta, cfg.block_m, variant.records)
+    grid = (_num_tiles(tiles), cfg.split_k, pieces)
     shrink_kernel[grid](x, a[0], a[1], a[2], ws, scale_ptr, scale_val, *tiles,
                         hidden_in, rank, cfg.split_k, x.stride(0), ws.stride(0), ws.stride(1),
                         HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
                         BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k,
-                        DOT_UPCAST=_dot_upcast(x),
+                        DOT_UPCAST=_dot_upcast(x), RECORDS=variant.records,
+                        GDC=bool(_pdl(variant, x.device)),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return ws
 
 
-def _expand(y, ws, lora_bs, offsets, meta) -> None:
+def _expand(y, ws, lora_bs, offsets, meta, variant=V2) -> None:
     """y[:, off_i : off_i + N_i] += sum_split(ws)[:, i*R:(i+1)*R] @ b_i.T."""
     # y: [T, width], ws: [split, T, pieces * R], lora_bs[i]: [S, N_i, R]
     num_tokens = y.shape[0]
     rank = lora_bs[0].shape[2]
     widths = [b.shape[1] for b in lora_bs]
     gpu, _ = launch.device_key(y.device)
-    cfg = launch.expand_launch(gpu, num_tokens, max(widths), rank)
+    cfg = launch.expand_launch(variant.config_name(gpu), num_tokens, max(widths), rank)
     b = _padded(lora_bs, lora_bs[0])
     n, off = _padded(widths, 0), _padded(list(offsets), 0)
-    tiles = _tiles(meta, cfg.block_m)
-    grid = (tiles[1].numel(), triton.cdiv(max(widths), cfg.block_n), len(lora_bs))
+    tiles = _tiles(meta, cfg.block_m, variant.records)
+    grid = (_num_tiles(tiles), triton.cdiv(max(widths), cfg.block_n), len(lora_bs))
+    pdl = _pdl(variant, y.device)
     expand_kernel[grid](ws, b[0], b[1], b[2], y, *n, *off, *tiles,
                         rank, ws.shape[0], ws.stride(0), ws.stride(1), y.stride(0),
                         BLOCK_M=cfg.block_m, BLOCK_R=launch.block_r(rank), BLOCK_N=cfg.block_n,
                         DOT_UPCAST=any(_dot_upcast(t) for t in lora_bs),
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        RECORDS=variant.records, PDL=variant.pdl, GDC=bool(pdl),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
 
 
-def _fused(y, x, lora_as, lora_bs, offsets, scaling, meta) -> None:
+def _fused(y, x, lora_as, lora_bs, offsets, scaling, meta, variant=V2) -> None:
     """One launch: per tile, split-K shrink into ws, per-tile barrier, split-N expand."""
     # y: [T, width], x: [T, K], lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
     num_tokens, hidden_in = x.shape
     rank, pieces = lora_as[0].shape[1], len(lora_as)
     widths = [b.shape[1] for b in lora_bs]
     gpu, num_sms = launch.device_key(x.device)
-    cfg = launch.fused_launch(gpu, num_sms, num_tokens, meta.num_slots, hidden_in, max(widths),
-                              rank, pieces)
+    cfg = launch.fused_launch(variant.config_name(gpu), num_sms, num_tokens, meta.num_slots,
+                              hidden_in, max(widths), rank, pieces)
     if cfg.block_m < MIN_BLOCK_M:
         raise ValueError(f"fused block_m must be >= {MIN_BLOCK_M}, got {cfg.block_m}")
     scale_ptr, scale_val, has_scale = _scale_args(scaling, x)
     a, b = _padded(lora_as, lora_as[0]), _padded(lora_bs, lora_bs[0])
     n, off = _padded(widths, 0), _padded(list(offsets), 0)
-    tiles = _tiles(meta, cfg.block_m)
-    num_tiles = tiles[1].numel()
+    tiles = _tiles(meta, cfg.block_m, variant.records)
+    num_tiles = _num_tiles(tiles)
     ws = torch.empty(cfg.split_k, num_tokens, pieces * rank, dtype=torch.float32,
                      device=x.device)
     # Under the interpreter programs run one after another: a barrier would wait forever.
@@ -124,7 +142,7 @@ def _fused(y, x, lora_as, lora_bs, offsets, scaling, meta) -> None:
             *n, *off, *tiles, hidden_in, rank, cfg.split_k, num_tiles, x.stride(0), y.stride(0),
             ws.stride(0), ws.stride(1), HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
             BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, PHASE=phase,
-            DOT_UPCAST=any(_dot_upcast(t) for t in [x, *lora_bs]),
+            DOT_UPCAST=any(_dot_upcast(t) for t in [x, *lora_bs]), RECORDS=variant.records,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -143,8 +161,10 @@ def _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling):
     return num_slots
 
 
-def _apply(y, x, lora_as, lora_bs, slot_ids, scaling, meta, fused=None) -> torch.Tensor:
-    """Shared body of add_lora / add_lora_slices: groups of up to 3 slices per launch."""
+def _apply(y, x, lora_as, lora_bs, slot_ids, scaling, meta, fused=None,
+           variant=None) -> torch.Tensor:
+    """Shared body of add_lora / add_lora_slices: groups of up to 3 slices per launch.
+    fused / variant: None = the GPU table's host rules (launch.use_fused, pick_variant)."""
     num_slots = _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling)
     meta = _meta(meta, slot_ids, x.shape[0], num_slots, x.device)
     if x.shape[0] == 0:
@@ -156,32 +176,38 @@ def _apply(y, x, lora_as, lora_bs, slot_ids, scaling, meta, fused=None) -> torch
     for b in lora_bs[:-1]:
         offsets.append(offsets[-1] + b.shape[1])
     gpu, _ = launch.device_key(x.device)
+    shape = (x.shape[0], meta.num_slots, lora_as[0].shape[1], x.shape[1])
+    if isinstance(variant, str):
+        variant = launch.Variant.parse(variant)
+    variant = variant or launch.pick_variant(gpu, *shape)
     if fused is None:
-        fused = launch.use_fused(gpu, x.shape[0], meta.num_slots, lora_as[0].shape[1],
-                                 x.shape[1])
+        fused = launch.use_fused(variant.config_name(gpu), *shape)
     for lo in range(0, len(lora_as), MAX_PIECES):
         group = slice(lo, lo + MAX_PIECES)
         if fused:
-            _fused(y_rm, x, lora_as[group], lora_bs[group], offsets[group], scaling, meta)
+            _fused(y_rm, x, lora_as[group], lora_bs[group], offsets[group], scaling, meta,
+                   variant)
         else:
-            ws = _shrink(x, lora_as[group], scaling, meta)
-            _expand(y_rm, ws, lora_bs[group], offsets[group], meta)
+            ws = _shrink(x, lora_as[group], scaling, meta, variant=variant)
+            _expand(y_rm, ws, lora_bs[group], offsets[group], meta, variant)
     return y
 
 
-def add_lora(y, x, lora_a, lora_b, slot_ids, scaling=1.0, *, meta=None, fused=None):
+def add_lora(y, x, lora_a, lora_b, slot_ids, scaling=1.0, *, meta=None, fused=None,
+             variant=None):
     # y: [T, N], x: [T, K], lora_a: [S, R, K], lora_b: [S, N, R]
     if isinstance(lora_b, torch.Tensor) and lora_b.dim() == 3 and isinstance(y, torch.Tensor) \
             and y.dim() == 2 and lora_b.shape[1] != y.shape[1]:
         raise ValueError(f"lora_b hidden_out {lora_b.shape[1]} != y width {y.shape[1]}")
-    return _apply(y, x, [lora_a], [lora_b], slot_ids, scaling, meta, fused)
+    return _apply(y, x, [lora_a], [lora_b], slot_ids, scaling, meta, fused, variant)
 
 
 def add_lora_slices(y, x, lora_a_slices, lora_b_slices, slot_ids, scaling=1.0, *, meta=None,
-                    fused=None):
+                    fused=None, variant=None):
     # y: [T, sum N_i], lora_a_slices[i]: [S, R, K], lora_b_slices[i]: [S, N_i, R]
     checks_slices(y, lora_a_slices, lora_b_slices)
-    return _apply(y, x, list(lora_a_slices), list(lora_b_slices), slot_ids, scaling, meta, fused)
+    return _apply(y, x, list(lora_a_slices), list(lora_b_slices), slot_ids, scaling, meta, fused,
+                  variant)
 
 
 def lora_shrink(x, lora_a, slot_ids, scaling=1.0, *, meta=None):

@@ -174,3 +174,128 @@ def test_split_k_and_n_chunks(monkeypatch, fused, split, hidden_in, widths):
     out = _triton().add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling,
                                     fused=fused)
     _check(out, expected, y, slot_ids, torch.float32)
+
+
+VARIANT_COMBOS = [(False, "rec"), (False, "pdl"), (False, "rec+pdl"), (True, "rec")]
+
+
+@pytest.mark.parametrize("fused,variant", VARIANT_COMBOS,
+                         ids=[f"{'fused' if f else 'unfused'}-{v}" for f, v in VARIANT_COMBOS])
+@pytest.mark.parametrize("shape,pattern,dtype",
+                         [(s, "mixed", torch.bfloat16) for s in SHAPES]
+                         + [(s, "sparse", torch.float32) for s in SHAPES[:4]]
+                         + [(SHAPES[1], "all_idle", torch.float32)])
+def test_variants_match_reference(shape, pattern, dtype, fused, variant):
+    """Kernel variants (one-record tiles, PDL ordering of the expand) compute the same."""
+    num_tokens, hidden_in, hidden_out, num_slots, rank = shape
+    seed = hash((shape, pattern, str(dtype), fused, variant)) % 2**31
+    y, x, (lora_a,), (lora_b,), slot_ids, scaling = _make(
+        num_tokens, hidden_in, [hidden_out], num_slots, rank, dtype, pattern, seed)
+    expected = reference.add_lora(y.clone(), x, lora_a, lora_b, slot_ids, scaling)
+    out = _triton().add_lora(y.clone(), x, lora_a, lora_b, slot_ids, scaling, fused=fused,
+                             variant=variant)
+    _check(out, expected, y, slot_ids, dtype)
+
+
+@pytest.mark.parametrize("fused,variant", VARIANT_COMBOS + [(False, "v2@NVIDIA_H200_candidate"),
+                                                            (True, "v2@NVIDIA_H200_candidate")])
+def test_variant_slices_and_split_chunks(monkeypatch, fused, variant):
+    """Unequal slices (programs past a narrow slice's end) and several K/N chunks per tile."""
+    from kernels import launch
+    cfg = launch.Launch(block_m=16, block_k=16, block_n=16, split_k=5)
+    for name in ("fused_launch", "shrink_launch", "expand_launch"):
+        monkeypatch.setattr(launch, name, lambda *_, c=cfg: c)
+    y, x, lora_as, lora_bs, slot_ids, scaling = _make(21, 48, [40, 24, 8], 4, 8,
+                                                      torch.float32, "mixed", 9)
+    meta = kernels.build_meta(slot_ids, 4)
+    expected = reference.add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling)
+    out = _triton().add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling,
+                                    meta=meta, fused=fused, variant=variant)
+    _check(out, expected, y, slot_ids, torch.float32)
+
+
+def test_tile_records_match_tile_map():
+    """A record row holds the tile's tokens (sorted_tokens[start:end], -1 after) and slot."""
+    slot_ids = torch.tensor([2, -1, 0, 2, 2, -1, 0] * 5)
+    meta = kernels.build_meta(slot_ids, 4)
+    for block_m in (16, 32):
+        tile_slot, tile_start = meta.tile_map(block_m)
+        rec = meta.tile_records(block_m)
+        assert rec.shape == (tile_slot.numel(), block_m + 4)
+        assert torch.equal(rec[:, block_m], tile_slot)
+        for t, slot in enumerate(tile_slot.tolist()):
+            want = []
+            if slot >= 0:
+                start = int(tile_start[t])
+                want = meta.sorted_tokens[start:min(start + block_m,
+                                                    int(meta.slot_end[slot]))].tolist()
+            assert rec[t, :block_m].tolist() == want + [-1] * (block_m - len(want))
+    refill = kernels.build_meta(torch.tensor([1, 1, 3, -1, 0, 0, 0] * 5), 4)
+    kernels.build_meta(torch.tensor([1, 1, 3, -1, 0, 0, 0] * 5), 4, out=meta)
+    assert torch.equal(meta.tile_records(16), refill.tile_records(16))
+
+
+def test_variant_names_and_host_rule():
+    from kernels import launch
+    assert launch.Variant.parse("rec+pdl") == launch.Variant(records=True, pdl=True)
+    assert launch.Variant.parse("v2@NVIDIA_H200_candidate").table == "NVIDIA_H200_candidate"
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        launch.Variant.parse("fast")
+    with pytest.raises(ValueError, match="no config table"):
+        launch.Variant.parse("rec@nope")
+    assert launch.pick_variant("NVIDIA H200", 1, 1, 16, 4096) == launch.Variant()  # v2
+
+
+_HOPPER_COMPILE = r"""
+import inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_kernels as tk
+
+def ptx(kernel, constexprs, num_stages):
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ("*fp32" if name.startswith(("ws", "scale")) else
+                         "*i32" if name.startswith(("sorted", "tile", "slot", "count")) else
+                         "*bf16")
+        else:
+            sig[name] = "fp32" if name == "scale_val" else "i32"
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=num_stages))
+    return compiled.asm["ptx"]
+
+out = {}
+for records in (False, True):
+    for pdl in (False, True):
+        common = dict(BLOCK_M=16, BLOCK_R=16, DOT_UPCAST=False, RECORDS=records)
+        shrink = ptx(tk.shrink_kernel, dict(common, HAS_SCALE_TENSOR=True, BLOCK_K=128,
+                                            GDC=pdl), 3)
+        expand = ptx(tk.expand_kernel, dict(common, BLOCK_N=128, PDL=pdl, GDC=pdl), 2)
+        out[f"{records}-{pdl}"] = ["griddepcontrol.launch_dependents" in shrink,
+                                   "griddepcontrol.wait" in expand]
+    ptx(tk.fused_kernel, dict(common, HAS_SCALE_TENSOR=False, BLOCK_K=128, BLOCK_N=128,
+                              PHASE=0), 2)
+print(json.dumps(out))
+"""
+
+
+def test_variants_compile_for_hopper():
+    """The interpreter cannot run griddepcontrol: compile every variant for sm_90 (triton's
+    bundled ptxas, no GPU needed) in a process without TRITON_INTERPRET."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, (launches, waits) in flags.items():
+        pdl = key.endswith("True")
+        assert launches == pdl and waits == pdl, (key, launches, waits)
