@@ -243,7 +243,10 @@ def test_variant_names_and_host_rule():
         launch.Variant.parse("fast")
     with pytest.raises(ValueError, match="no config table"):
         launch.Variant.parse("rec@nope")
-    assert launch.pick_variant("NVIDIA H200", 1, 1, 16, 4096) == launch.Variant()  # v2
+    # The H200 table turns tile records on (measured faster at every token count, run 4);
+    # a GPU without a table gets v2.
+    assert launch.pick_variant("NVIDIA H200", 1, 1, 16, 4096) == launch.Variant(records=True)
+    assert launch.pick_variant("Some Other GPU", 1, 1, 16, 4096) == launch.Variant()
 
 
 _HOPPER_COMPILE = r"""
