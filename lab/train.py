@@ -47,7 +47,7 @@ MIX_RANK = 16
 
 
 def mix_name(tasks) -> str:
-    return "mix-" + "+".join(tasks)
+    return "mix-" + "-".join(tasks)
 
 
 @dataclass
