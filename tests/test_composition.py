@@ -223,3 +223,54 @@ def test_registry_notices_added_and_removed_skills(skills_dir, tmp_path):
     shutil.rmtree(root / "math")
     assert registry.is_stale()
     assert set(registry.scan()) == {"code"}
+
+
+# ---------------------------------------------------------------- per-module weights
+
+
+def _body(skills, module_weights):
+    return CompositionRequest(skills=skills, method="cat", module_weights=module_weights)
+
+
+def test_module_weights_follow_the_canonical_skill_order():
+    given_order = canonical_spec(_body({"math": 0.5, "code": 0.5}, {"m.q": [0.9, 0.1]}), default_method="cat")
+    sorted_order = canonical_spec(_body({"code": 0.5, "math": 0.5}, {"m.q": [0.1, 0.9]}), default_method="cat")
+    assert given_order == sorted_order
+    assert given_order.module_weights == (("m.q", (0.1, 0.9)),)  # code first, then math
+
+
+def test_module_weights_change_the_key_and_plain_keys_stay_as_they_were():
+    digests = {"code": "c" * 64, "math": "m" * 64}
+    plain = spec("math+code")
+    weighted = canonical_spec(_body({"math": 0.5, "code": 0.5}, {"m.q": [0.9, 0.1]}), default_method="cat")
+    assert "module_weights" not in plain.canonical_json()
+    assert plain.key(digests) != weighted.key(digests)
+    assert weighted.model_string().endswith(f"@cat(module_weights={weighted.module_weights_digest()})")
+
+
+@pytest.mark.parametrize("rows, fragment", [({"m.q": [1.0]}, "1 weights for 2 skills"),
+                                            ({"m.q": [1.0, math.inf]}, "finite")])
+def test_bad_module_weights_are_invalid_composition(rows, fragment):
+    with pytest.raises(LoramixError) as info:
+        canonical_spec(_body({"math": 0.5, "code": 0.5}, rows), default_method="cat")
+    assert info.value.code == "invalid_composition" and fragment in info.value.message
+    assert info.value.param == "composition.module_weights"
+
+
+def test_module_weights_cannot_come_in_a_model_string():
+    weighted = canonical_spec(_body({"math": 0.5, "code": 0.5}, {"m.q": [0.9, 0.1]}), default_method="cat")
+    with pytest.raises(LoramixError) as info:
+        spec(weighted.model_string())
+    assert info.value.param == "model" and "composition` field" in info.value.message
+
+
+def test_named_compositions_round_trip_and_see_other_writers(tmp_path):
+    from server.named import NamedCompositions
+
+    weighted = canonical_spec(_body({"math": 0.5, "code": 0.5}, {"m.q": [0.9, 0.1]}), default_method="cat")
+    server_side, tool_side = NamedCompositions(tmp_path), NamedCompositions(tmp_path)
+    assert server_side.get("tuned") is None
+    tool_side.put("tuned", weighted)  # e.g. `loramix tune-cat` while the server runs
+    assert server_side.get("tuned") == weighted
+    assert server_side.names() == ["tuned"]
+    assert server_side.delete("tuned") and tool_side.get("tuned") is None
