@@ -16,6 +16,11 @@ from lab.world import ALL_TASKS, train_stream
 DEFAULT_SEED = 5  # a training stream no skill was trained on (skills used seed 1, the base 0)
 
 
+def mix_name(tasks) -> str:
+    """Directory name of the data-mixing baseline LoRA of `tasks` (lab/assets/baselines)."""
+    return "mix-" + "-".join(tasks)
+
+
 def mixed_examples(tasks: list[str], per_task: int, seed: int = DEFAULT_SEED) -> list[tuple[str, str]]:
     """`per_task` training examples of each task (never a dev or test prompt), task by task."""
     return [(ex.prompt, ex.answer) for task in tasks for ex in itertools.islice(train_stream(task, seed), per_task)]

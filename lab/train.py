@@ -27,6 +27,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import torch  # noqa: E402
 
+from lab.data import mix_name  # noqa: E402
 from lab.evaluate import score  # noqa: E402
 from lab.tokenizer import build_tokenizer  # noqa: E402
 from lab.world import ALL_TASKS, COMPOSITES, TASKS, dev_set, heldout_set, train_stream  # noqa: E402
@@ -44,10 +45,6 @@ SHIPPED_SKILLS = ("reverse", "upper", "sort", "add")
 MIXES = (("reverse", "upper"), ("sort", "add"), ("reverse", "upper", "sort"), ("upper", "sort", "add"),
          SHIPPED_SKILLS)
 MIX_RANK = 16
-
-
-def mix_name(tasks) -> str:
-    return "mix-" + "-".join(tasks)
 
 
 @dataclass
