@@ -41,7 +41,7 @@ def tuned_spec(names: Sequence[str], result: TuneResult) -> CompositionSpec:
     """The named composition serving `result`: `cat`, the mean learned weights as the skills'
     weights, and the per-module weights that override them in every module."""
     request = CompositionRequest(
-        skills=[{"name": n, "weight": w} for n, w in zip(names, result.info["mean_weights"])],
+        skills=[{"name": n, "weight": round(w, 6)} for n, w in zip(names, result.info["mean_weights"])],
         method="cat",
         module_weights=result.module_weights,
     )
