@@ -171,3 +171,22 @@ def test_skills_added_or_removed_while_serving_are_picked_up(strict_server, stri
     shutil.rmtree(strict_server.skills_dir / "math-copy")
     with pytest.raises(openai.NotFoundError):
         strict_client.completions.create(model="math-copy", prompt="x", max_tokens=1)
+
+
+def test_bad_module_weights_are_400_and_do_not_poison_the_cache(tiny_base, skills_dir, tmp_path):
+    settings = Settings(base_model=tiny_base, skills_dir=skills_dir, cache_dir=tmp_path / "cache")
+    app = create_app(settings, engine=LocalEngine(tiny_base, max_lora_rank=16))
+    body = {"model": settings.served_model_name or tiny_base.name, "prompt": "The sum of", "max_tokens": 2,
+            "temperature": 0}
+    composition = {"skills": {"math": 0.5, "code": 0.5}, "method": "cat"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for rows, param in [({"model.layers.0.no_such_proj": [0.5, 0.5]}, "module_weights"),
+                            ({"model.layers.0.self_attn.q_proj": [1.0]}, "composition.module_weights")]:
+            response = client.post("/v1/completions", json={**body, "composition": {**composition, "module_weights": rows}})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert (error["code"], error["param"]) == ("invalid_composition", param)
+            assert str(tmp_path) not in error["message"]
+        ok = client.post("/v1/completions", json={**body, "composition": {
+            **composition, "module_weights": {"model.layers.0.self_attn.q_proj": [0.9, 0.1]}}})
+        assert ok.status_code == 200, ok.text
