@@ -5,10 +5,8 @@ Run on a CUDA GPU (one H200 here); bench/gpu_kernels_run.sh is the one-call driv
 Steps: (1) GPU correctness of the full grid against the torch reference for v2 and every
 kernel variant / candidate config in COMBOS (bf16, plus fp16/fp32 spot checks), in parallel
 worker processes (which also fill triton's compile cache), (2) CUDA-graph replay check of
-every variant, (3) the wholek pipeline probe (a few BLOCK_K / stages / warps of the whole-K
-launch on two decode shapes), (4) optional config sweep (--sweep), (5) timings by CUDA-graph
-replay (median): v2 fused / unfused, each variant (wholek on decode rows, against the
-default), the candidate table, torch gather-bmm, torch per-adapter
+every variant, (3) optional config sweep (--sweep), (4) timings by CUDA-graph replay (median):
+v2 fused / unfused, each variant, the candidate table, torch gather-bmm, torch per-adapter
 loop, the base linear layer, and the bytes floor. Decode rows are timed first; past
 --deadline-s the repetitions shrink. Writes JSON after every row; `--render JSON --results
 bench/RESULTS.md` turns a JSON into the "## Kernels" section (with the variant A/B table and
@@ -47,9 +45,7 @@ COMBOS = {
     "unfused_rec": (False, "rec"), "unfused_pdl": (False, "pdl"),
     "unfused_rec_pdl": (False, "rec+pdl"), "fused_rec": (True, "rec"),
     "unfused_cand": (False, f"v2@{CANDIDATE}"), "fused_cand": (True, f"v2@{CANDIDATE}"),
-    "wholek_rec": (False, "rec+wholek"),  # run 5: decode rows only (WHOLEK_MAX_TOKENS)
 }
-WHOLEK_MAX_TOKENS = DECODE_MAX_TOKENS
 # vLLM 0.33 Triton lora_shrink + lora_expand on an H200, from shared/ANCHORS.md (bf16, graph
 # replay, median, µs): an anchor, NOT measured by this script (no vLLM on the GPU machine).
 VLLM_ANCHOR = {(4096, 4096, 16, 1, 1): 7.7, (4096, 4096, 16, 16, 8): 9.2,
@@ -173,20 +169,12 @@ def floor_bytes(k, n, rank, tokens, adapters, elem=2):
 
 
 # ---------------------------------------------------------------- correctness
-def applies(col: str, tokens: int) -> bool:
-    """fused up to FUSED_MAX_TOKENS, wholek up to WHOLEK_MAX_TOKENS, the rest everywhere."""
-    fused, spec = COMBOS[col]
-    if "wholek" in spec:
-        return tokens <= WHOLEK_MAX_TOKENS
-    return not fused or tokens <= FUSED_MAX_TOKENS
-
-
 def combos_for(tokens: int, k, n, rank, adapters, gpu: str) -> dict:
-    """COMBOS that apply to a shape (`applies`); the candidate table only where its launch
-    configs differ from the GPU's own (else it runs the same kernels)."""
+    """COMBOS that apply to a shape: fused up to FUSED_MAX_TOKENS; the candidate table only
+    where its launch configs differ from the GPU's own (else it runs the same kernels)."""
     out = {}
     for col, (fused, spec) in COMBOS.items():
-        if not applies(col, tokens):
+        if fused and tokens > FUSED_MAX_TOKENS:
             continue
         if spec.endswith(CANDIDATE) and same_configs(gpu, CANDIDATE, k, n, rank, tokens,
                                                      adapters, fused):
@@ -247,7 +235,7 @@ def check_cases(jobs: list, device: str) -> list[dict]:
 
 
 SPOT_CASES = [(96, 160, 8, 37, 5), (4096, 1024, 16, 64, 8), (160, 4096, 64, 300, 3)]
-SPOT_COMBOS = ["unfused", "fused", "unfused_rec_pdl", "fused_rec", "wholek_rec"]
+SPOT_COMBOS = ["unfused", "fused", "unfused_rec_pdl", "fused_rec"]
 
 
 def correctness_jobs(grid, gpu: str, spot: bool) -> list[list]:
@@ -261,7 +249,7 @@ def correctness_jobs(grid, gpu: str, spot: bool) -> list[list]:
     if spot:
         for dtype in ("float16", "float32", "bfloat16"):
             for i, case in enumerate(SPOT_CASES):
-                cols = [c for c in SPOT_COMBOS if applies(c, case[3])]
+                cols = [c for c in SPOT_COMBOS if COMBOS[c][0] is False or case[3] <= 256]
                 groups.setdefault(("spot", dtype), []).append((case, dtype, True, 1000 + i, cols))
     return list(groups.values())
 
@@ -299,7 +287,7 @@ def graph_check(device) -> list[dict]:
     for k, n, r, t, a in [(4096, 4096, 16, 16, 8), (4096, 1024, 64, 64, 32),
                           (14336, 4096, 16, 256, 8)]:
         for col, (fused, spec) in COMBOS.items():
-            if spec.endswith(CANDIDATE) or not applies(col, t):
+            if spec.endswith(CANDIDATE):
                 continue
             y, x, la, lb, ids = make_inputs(k, n, r, t, a, torch.bfloat16, device, seed=7)
             meta = build_meta(ids, a)
@@ -381,56 +369,6 @@ def sweep(device):
         for name, fn in originals.items():
             setattr(launch, name + "_launch", fn)
     return out
-
-
-# ---------------------------------------------------------------- wholek probe (run 5)
-# (BLOCK_K, num_stages, num_warps) of the whole-K launch at rank 16: the v1-like shallow
-# stream first, the default (512, 4, 8) fourth. Tests the bytes-in-flight model of the notes.
-WHOLEK_PROBE = [(128, 2, 4), (256, 3, 4), (512, 4, 4), (512, 4, 8), (256, 5, 8)]
-WHOLEK_PROBE_CASES = [(4096, 4096, 16, 1, 1), (14336, 4096, 16, 1, 1)]
-
-
-def wholek_probe(device, cases_=WHOLEK_PROBE_CASES) -> list[dict]:
-    """Time the whole-K launch per pipeline config; A bytes in flight = (stages - 1) x
-    BLOCK_K x BLOCK_R x 2 (triton keeps stages - 1 loads ahead)."""
-    from kernels import build_meta, launch, triton_ops
-    original, out = launch.wholek_launch, []
-    try:
-        for k, n, r, t, a in cases_:
-            y, x, la, lb, ids = make_inputs(k, n, r, t, a, torch.bfloat16, device)
-            meta = build_meta(ids, a)
-            base = original("probe", t, a, k, n, r)
-            for block_k, stages, warps in WHOLEK_PROBE:
-                cfg = dataclasses.replace(base, block_k=block_k, num_stages=stages,
-                                          num_warps=warps)
-                launch.wholek_launch = lambda *_, c=cfg: c
-                try:
-                    us = time_us(lambda: triton_ops.add_lora(
-                        y, x, la, lb, ids, 0.5, meta=meta, variant="rec+wholek"), device)
-                except Exception as exc:  # a config that does not build must not end the run
-                    us = None
-                    print(f"  wholek probe {block_k}/{stages}/{warps} failed: {exc!r}"[:400])
-                kb = (stages - 1) * block_k * launch.block_r(r) * 2 / 1024
-                out.append(dict(case=(k, n, r, t, a), block_k=block_k, stages=stages,
-                                warps=warps, a_in_flight_kb=kb, us=us))
-                print(f"wholek probe {k}->{n} r{r} t{t} a{a} BLOCK_K {block_k} stages {stages} "
-                      f"warps {warps} (A in flight {kb:.0f} KB): {_f(us)} us", flush=True)
-    finally:
-        launch.wholek_launch = original
-    return out
-
-
-def probe_section(probe: list[dict]) -> list[str]:
-    if not probe:
-        return []
-    lines = ["", "### wholek pipeline probe (bench/kernels_notes.md, run 5)", "",
-             "| K→N | rank | tokens | BLOCK_K | stages | warps | A in flight (KB) | µs |",
-             "|---|---|---|---|---|---|---|---|"]
-    for p in probe:
-        k, n, r, t, _ = p["case"]
-        lines.append(f"| {k}→{n} | {r} | {t} | {p['block_k']} | {p['stages']} | {p['warps']} | "
-                     f"{p['a_in_flight_kb']:.0f} | {_f(p['us'])} |")
-    return lines
 
 
 # ---------------------------------------------------------------- timings
@@ -526,15 +464,13 @@ def combo_column(fused: bool, records: bool, pdl: bool) -> str:
 
 def pick_ours(row: dict, gpu: str) -> None:
     """'ours' = what the host rules (kernels/configs/<gpu>.json: fused_when, records_when,
-    pdl_when, wholek_when) pick for this shape, from the columns this row has."""
+    pdl_when) pick for this shape, from the columns this row has."""
     from kernels import launch
     shape = (row["tokens"], row["adapters"], row["rank"], row["k"])
     fused = row.get("fused_us") is not None and launch.use_fused(gpu, *shape)
     variant = launch.pick_variant(gpu, *shape)
     col = combo_column(fused, variant.records, variant.pdl and not fused)
     col = col if row.get(col + "_us") is not None else "fused" if fused else "unfused"
-    if variant.wholek and row.get("wholek_rec_us") is not None:
-        col = "wholek_rec"
     row["auto_is_fused"], row["ours_column"] = fused, col
     row["ours_us"] = row[col + "_us"]
 
@@ -543,12 +479,10 @@ AB_COLUMNS = [("unfused", "pair v2"), ("unfused_again", "pair v2 again"),
               ("unfused_rec", "pair rec"), ("unfused_pdl", "pair pdl"),
               ("unfused_rec_pdl", "pair rec+pdl"), ("fused", "fused v2"),
               ("fused_rec", "fused rec"), ("unfused_cand", "pair cand"),
-              ("fused_cand", "fused cand"), ("ours", "ours (default)"),
-              ("wholek_rec", "wholek rec")]
-# wholek is measured against the default the host rules pick ('ours'), not against v2
+              ("fused_cand", "fused cand")]
 VARIANT_BASE = {"unfused_rec": "unfused", "unfused_pdl": "unfused",
                 "unfused_rec_pdl": "unfused", "fused_rec": "fused",
-                "unfused_cand": "unfused", "fused_cand": "fused", "wholek_rec": "ours"}
+                "unfused_cand": "unfused", "fused_cand": "fused"}
 TOKEN_CLASSES = [("≤ 64 tokens", 1, DECODE_MAX_TOKENS), ("65–256", 65, 256),
                  ("≥ 257", 257, 1 << 30)]
 
@@ -576,9 +510,7 @@ def variant_section(rows) -> list[str]:
     lines = ["", "### Kernel variants and candidate configs (A/B against v2, same run)", "",
              f"Variants of the same kernels (kernels/launch.py `Variant`): 'rec' = one-record "
              f"tile metadata, 'pdl' = programmatic dependent launch of the expand, 'cand' = "
-             f"kernels/configs/{CANDIDATE}.json (timed only where its configs differ), "
-             f"'wholek' = whole-K single launch (≤ {WHOLEK_MAX_TOKENS} tokens; its ratio is "
-             f"against 'ours', the current default). "
+             f"kernels/configs/{CANDIDATE}.json (timed only where its configs differ). "
              f"Spread of equal versions (v2 timed twice, decode rows): median "
              f"{100 * med:.1f}%, max {100 * top:.1f}%. Ratio = variant / v2 of the same path "
              f"(< 1 = faster), geomean [min–max] over the rows:", ""]
@@ -596,7 +528,7 @@ def variant_section(rows) -> list[str]:
     for r in rows:
         lines.append(f"| {r['k']}→{r['n']} | {r['rank']} | {r['tokens']} | {r['adapters']} | "
                      + " | ".join(_f(r.get(c + "_us")) for c, _ in AB_COLUMNS) + " |")
-    return lines + ["", *proposal(rows), "", *wholek_proposal(rows)]
+    return lines + ["", *proposal(rows)]
 
 
 def proposal(rows) -> list[str]:
@@ -634,38 +566,6 @@ def proposal(rows) -> list[str]:
     rules = {key: _token_ranges(ts, present) for key, ts in wins.items() if ts}
     lines += ["", "Proposed additions to kernels/configs/NVIDIA_H200.json: `"
               + json.dumps(rules) + "`" if rules else "No variant clears the margin: keep v2."]
-    return lines
-
-
-def wholek_proposal(rows) -> list[str]:
-    """wholek_when rules: per (tokens, slots, rank, hidden_in) group of rows (hidden_out
-    varies), adopted when its geomean over 'ours' beats the margin and no row loses more
-    than the margin; each rule covers the values between the previous measured one and this."""
-    med, _ = noise(rows)
-    margin = max(0.03, 2 * med) if med == med else 0.03
-    groups: dict = {}
-    for r in rows:
-        if r.get("wholek_rec_us") is not None:
-            key = (r["tokens"], min(r["adapters"], r["tokens"]), r["rank"], r["k"])
-            groups.setdefault(key, []).append(r["wholek_rec_us"] / r["ours_us"])
-    if not groups:
-        return []
-    prev = lambda values, v: max([u for u in values if u < v], default=0) + 1  # noqa: E731
-    dims = [sorted({key[i] for key in groups}) for i in range(4)]
-    lines = [f"wholek against 'ours' per group (margin {100 * margin:.1f}%):", ""]
-    rules = []
-    for key, ratios in sorted(groups.items()):
-        wins = _geo(ratios) < 1 - margin and max(ratios) < 1 + margin
-        lines.append(f"- tokens {key[0]}, slots {key[1]}, rank {key[2]}, K {key[3]}: geomean "
-                     f"{_geo(ratios):.3f} [{min(ratios):.2f}–{max(ratios):.2f}]"
-                     + (" WIN" if wins else ""))
-        if wins:
-            rules.append({f"{b}_{name}": v for name, i in (("tokens", 0), ("slots", 1),
-                                                           ("rank", 2), ("hidden_in", 3))
-                          for b, v in (("min", prev(dims[i], key[i])), ("max", key[i]))})
-    lines += ["", "Proposed wholek_when for kernels/configs/NVIDIA_H200.json: `"
-              + json.dumps(rules) + "`" if rules else "wholek never clears the margin: keep "
-              "it off."]
     return lines
 
 
@@ -758,7 +658,6 @@ def render(result: dict) -> str:
     ]
     lines += [format_row(r, t["launch_us"]) for r in t["rows"]]
     lines += variant_section(t["rows"])
-    lines += probe_section(result.get("wholek_probe", []))
     return "\n".join(lines) + "\n"
 
 
@@ -812,9 +711,6 @@ def main(argv=None):
     if device == "cuda":
         result["graph_check"] = graph_check(device)
         save()
-    result["wholek_probe"] = wholek_probe(device) if device == "cuda" else \
-        wholek_probe(device, [(96, 160, 16, 1, 1)])
-    save()
     if args.sweep and device == "cuda":
         result["sweep"] = sweep(device)
         save()

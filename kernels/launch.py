@@ -5,9 +5,8 @@ kernels/configs/<gpu name>.json (spaces -> '_', e.g. NVIDIA_H200.json) holds, pe
 min_<dim> / max_<dim> bounds all hold overrides the built-in defaults. "fused_when" (rules of
 the same bounds, any match) picks the fused kernel over shrink+expand; its "slots" is
 min(num_slots, num_tokens), a bound on the active adapters known without a device sync.
-"records_when" / "pdl_when" / "wholek_when" (same form) switch on the kernel variants of
-`Variant`; absent, the kernels run as v2 (bench/kernels_notes.md). Nothing is autotuned while
-serving.
+"records_when" / "pdl_when" (same form) switch on the kernel variants of `Variant`; absent,
+the kernels run as v2 (bench/kernels_notes.md). Nothing is autotuned while serving.
 """
 
 from __future__ import annotations
@@ -43,31 +42,24 @@ class Variant:
 
     records: tile prologue from one record row per tile (LoraBatchMeta.tile_records).
     pdl:     unfused pair only: programmatic dependent launch of the expand (Hopper+).
-    wholek:  one launch without workspace: each program streams its tile's A over the whole
-             K (deep software pipeline) and expands one N block (decode, few slots).
     table:   config table stem in kernels/configs/ used instead of the GPU's own (bench).
     """
 
     records: bool = False
     pdl: bool = False
-    wholek: bool = False
     table: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
-        """'v2', 'rec', 'pdl', 'wholek' joined by '+', optionally '@<table stem>'."""
+        """'v2', 'rec', 'pdl', 'rec+pdl', each optionally '@<table stem>'."""
         flags, _, table = spec.partition("@")
         parts = set(flags.split("+")) - {"v2", ""}
-        if not parts <= {"rec", "pdl", "wholek"}:
-            raise ValueError(f"unknown kernel variant {spec!r}: use v2 or rec, pdl, wholek "
-                             f"joined by '+', with an optional @<config table>")
-        if {"pdl", "wholek"} <= parts:
-            raise ValueError(f"kernel variant {spec!r}: pdl applies to the shrink+expand pair, "
-                             f"wholek is a single launch")
+        if not parts <= {"rec", "pdl"}:
+            raise ValueError(f"unknown kernel variant {spec!r}: use v2, rec, pdl, rec+pdl "
+                             f"with an optional @<config table>")
         if table and not (CONFIG_DIR / f"{table}.json").is_file():
             raise ValueError(f"no config table kernels/configs/{table}.json")
-        return cls(records="rec" in parts, pdl="pdl" in parts, wholek="wholek" in parts,
-                   table=table or None)
+        return cls(records="rec" in parts, pdl="pdl" in parts, table=table or None)
 
     def config_name(self, gpu_name: str) -> str:
         return self.table or gpu_name
@@ -84,14 +76,12 @@ def pdl_supported(device: torch.device) -> bool:
 @functools.cache
 def pick_variant(gpu_name: str, num_tokens: int, num_slots: int, rank: int,
                  hidden_in: int) -> Variant:
-    """The variant the GPU's table picks ("records_when" / "pdl_when" / "wholek_when"); v2
-    without rules. wholek takes precedence over pdl (pdl is for the pair only)."""
+    """The variant the GPU's table picks ("records_when" / "pdl_when"); v2 without rules."""
     table = tuned_table(gpu_name)
     shape = dict(tokens=num_tokens, slots=min(num_slots, num_tokens), rank=rank,
                  hidden_in=hidden_in)
     on = lambda key: any(_matches(rule, shape) for rule in table.get(key, []))  # noqa: E731
-    wholek = on("wholek_when")
-    return Variant(records=on("records_when"), pdl=on("pdl_when") and not wholek, wholek=wholek)
+    return Variant(records=on("records_when"), pdl=on("pdl_when"))
 
 
 def block_r(rank: int) -> int:
@@ -190,17 +180,3 @@ def fused_launch(gpu_name: str, num_sms: int, num_tokens: int, num_slots: int, h
     k_blocks = -(-hidden_in // cfg.block_k)
     parts = cfg.split_k if cfg.split_k > 1 else max(1, min(want, k_blocks, 32))
     return replace(cfg, split_k=parts)
-
-
-@functools.cache
-def wholek_launch(gpu_name: str, num_tokens: int, num_slots: int, hidden_in: int,
-                  hidden_out: int, rank: int) -> Launch:
-    """Whole-K single launch: a deep A stream per program (4 stages of 16 KB of A, i.e.
-    BLOCK_K 512 at rank 16: 48 KB in flight, bench/kernels_notes.md run 5); BLOCK_N keeps
-    <= 64 N blocks per tile, since every N block re-streams the tile's A from L2. 8 warps:
-    B and y are held in registers across the stream (4 warps spill at BLOCK_N 256)."""
-    block_k = min(512 * 16 // block_r(rank), max(16, 1 << (hidden_in - 1).bit_length()))
-    block_n = max(128, 1 << (-(-hidden_out // 64) - 1).bit_length())
-    base = Launch(block_m=16, block_k=block_k, block_n=block_n, num_warps=8, num_stages=4)
-    return _override(base, gpu_name, "wholek", tokens=num_tokens, slots=num_slots,
-                     hidden_in=hidden_in, hidden_out=hidden_out, rank=rank)

@@ -15,9 +15,6 @@ Variants (kernels.launch.Variant, constexpr flags, v2 = all off):
   loads its tile rows, B and y before waiting for the shrink, and only the split-K
   partials after. GDC emits the griddepcontrol instructions (compiled Hopper+ only; the
   interpreter runs the same PDL ordering without them).
-- wholek (a kernel of its own, wholek_kernel): one launch for decode with few slots; each
-  program streams its tile's A over the whole K through a deep cp.async pipeline and expands
-  one N block from registers: no workspace, no barrier (bench/kernels_notes.md, run 5).
 """
 
 import triton
@@ -304,40 +301,3 @@ def fused_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, w
         for n in range(n_lo, tl.minimum(n_lo + n_chunk, N), BLOCK_N):
             _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, n, N, R, col_offset,
                          stride_ym, BLOCK_N, BLOCK_R, DOT_UPCAST)
-
-
-@triton.jit(do_not_specialize=["scale_val", "n0", "n1", "n2", "off0", "off1", "off2"])
-def wholek_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, scale_ptr,
-                  scale_val, n0, n1, n2, off0, off1, off2,
-                  sorted_ptr, tile_slot_ptr, tile_start_ptr, slot_end_ptr,
-                  K, R, stride_xm, stride_ym,
-                  HAS_SCALE_TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                  RECORDS: tl.constexpr):
-    # x: [T, K]; a_i: [S, R, K]; b_i: [S, N_i, R]; y: [T, width]
-    # Grid (tiles, N blocks, pieces): each program shrinks its tile over the WHOLE K (the A
-    # stream, software-pipelined num_stages deep: see bench/kernels_notes.md, run 5), keeps
-    # x @ A.T in registers and expands one N block: one launch, no workspace, no barrier.
-    # B and y depend only on the tile record, so they are loaded before the A stream.
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    piece = tl.program_id(2)
-    N = _pick(piece, n0, n1, n2)
-    n_lo = pid_n * BLOCK_N
-    if n_lo >= N:
-        return
-    slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
-                                      tile, BLOCK_M, RECORDS)
-    if slot < 0:
-        return
-    bt = _load_b(_pick(piece, b0_ptr, b1_ptr, b2_ptr), slot, n_lo, N, R, BLOCK_N, BLOCK_R)
-    offs_n = n_lo + tl.arange(0, BLOCK_N)
-    y_ptrs = (y_ptr + tokens[:, None] * stride_ym
-              + (_pick(piece, off0, off1, off2) + offs_n)[None, :])
-    mask = mask_m[:, None] & (offs_n < N)[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    acc = _shrink_tile(x_ptr, _pick(piece, a0_ptr, a1_ptr, a2_ptr), tokens, mask_m, slot, 0, K,
-                       K, R, stride_xm, BLOCK_M, BLOCK_R, BLOCK_K, DOT_UPCAST)
-    acc = acc * _scale_of(scale_ptr, scale_val, slot, HAS_SCALE_TENSOR)
-    delta = _delta(acc, bt, DOT_UPCAST)
-    tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)

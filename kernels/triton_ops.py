@@ -15,7 +15,7 @@ import triton
 from kernels import checks, launch
 from kernels.meta import MAX_PIECES, MIN_BLOCK_M, LoraBatchMeta, build_meta
 from kernels.reference import checks_slices
-from kernels.triton_kernels import expand_kernel, fused_kernel, shrink_kernel, wholek_kernel
+from kernels.triton_kernels import expand_kernel, fused_kernel, shrink_kernel
 
 V2 = launch.Variant()
 
@@ -146,29 +146,6 @@ def _fused(y, x, lora_as, lora_bs, offsets, scaling, meta, variant=V2) -> None:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _wholek(y, x, lora_as, lora_bs, offsets, scaling, meta, variant) -> None:
-    """One launch, no workspace: per (tile, N block), x @ A.T over the whole K, then @ B.T."""
-    # y: [T, width], x: [T, K], lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
-    num_tokens, hidden_in = x.shape
-    rank = lora_as[0].shape[1]
-    widths = [b.shape[1] for b in lora_bs]
-    gpu, _ = launch.device_key(x.device)
-    cfg = launch.wholek_launch(variant.config_name(gpu), num_tokens, meta.num_slots, hidden_in,
-                               max(widths), rank)
-    scale_ptr, scale_val, has_scale = _scale_args(scaling, x)
-    a, b = _padded(lora_as, lora_as[0]), _padded(lora_bs, lora_bs[0])
-    n, off = _padded(widths, 0), _padded(list(offsets), 0)
-    tiles = _tiles(meta, cfg.block_m, variant.records)
-    grid = (_num_tiles(tiles), triton.cdiv(max(widths), cfg.block_n), len(lora_as))
-    wholek_kernel[grid](x, a[0], a[1], a[2], b[0], b[1], b[2], y, scale_ptr, scale_val, *n, *off,
-                        *tiles, hidden_in, rank, x.stride(0), y.stride(0),
-                        HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
-                        BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-                        DOT_UPCAST=any(_dot_upcast(t) for t in [x, *lora_bs]),
-                        RECORDS=variant.records, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages)
-
-
 def _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling):
     checks.check_matrix("x", x)
     checks.check_matrix("y", y, rows=x.shape[0])
@@ -187,8 +164,7 @@ def _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling):
 def _apply(y, x, lora_as, lora_bs, slot_ids, scaling, meta, fused=None,
            variant=None) -> torch.Tensor:
     """Shared body of add_lora / add_lora_slices: groups of up to 3 slices per launch.
-    fused / variant: None = the GPU table's host rules (launch.use_fused, pick_variant); a
-    wholek variant runs its own single launch whatever `fused` says."""
+    fused / variant: None = the GPU table's host rules (launch.use_fused, pick_variant)."""
     num_slots = _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling)
     meta = _meta(meta, slot_ids, x.shape[0], num_slots, x.device)
     if x.shape[0] == 0:
@@ -208,10 +184,7 @@ def _apply(y, x, lora_as, lora_bs, slot_ids, scaling, meta, fused=None,
         fused = launch.use_fused(variant.config_name(gpu), *shape)
     for lo in range(0, len(lora_as), MAX_PIECES):
         group = slice(lo, lo + MAX_PIECES)
-        if variant.wholek:
-            _wholek(y_rm, x, lora_as[group], lora_bs[group], offsets[group], scaling, meta,
-                    variant)
-        elif fused:
+        if fused:
             _fused(y_rm, x, lora_as[group], lora_bs[group], offsets[group], scaling, meta,
                    variant)
         else:

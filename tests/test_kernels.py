@@ -176,8 +176,7 @@ def test_split_k_and_n_chunks(monkeypatch, fused, split, hidden_in, widths):
     _check(out, expected, y, slot_ids, torch.float32)
 
 
-VARIANT_COMBOS = [(False, "rec"), (False, "pdl"), (False, "rec+pdl"), (True, "rec"),
-                  (False, "wholek"), (False, "rec+wholek")]
+VARIANT_COMBOS = [(False, "rec"), (False, "pdl"), (False, "rec+pdl"), (True, "rec")]
 
 
 @pytest.mark.parametrize("fused,variant", VARIANT_COMBOS,
@@ -187,8 +186,7 @@ VARIANT_COMBOS = [(False, "rec"), (False, "pdl"), (False, "rec+pdl"), (True, "re
                          + [(s, "sparse", torch.float32) for s in SHAPES[:4]]
                          + [(SHAPES[1], "all_idle", torch.float32)])
 def test_variants_match_reference(shape, pattern, dtype, fused, variant):
-    """Kernel variants (one-record tiles, PDL ordering of the expand, whole-K single launch)
-    compute the same."""
+    """Kernel variants (one-record tiles, PDL ordering of the expand) compute the same."""
     num_tokens, hidden_in, hidden_out, num_slots, rank = shape
     seed = hash((shape, pattern, str(dtype), fused, variant)) % 2**31
     y, x, (lora_a,), (lora_b,), slot_ids, scaling = _make(
@@ -205,7 +203,7 @@ def test_variant_slices_and_split_chunks(monkeypatch, fused, variant):
     """Unequal slices (programs past a narrow slice's end) and several K/N chunks per tile."""
     from kernels import launch
     cfg = launch.Launch(block_m=16, block_k=16, block_n=16, split_k=5)
-    for name in ("fused_launch", "shrink_launch", "expand_launch", "wholek_launch"):
+    for name in ("fused_launch", "shrink_launch", "expand_launch"):
         monkeypatch.setattr(launch, name, lambda *_, c=cfg: c)
     y, x, lora_as, lora_bs, slot_ids, scaling = _make(21, 48, [40, 24, 8], 4, 8,
                                                       torch.float32, "mixed", 9)
@@ -245,32 +243,10 @@ def test_variant_names_and_host_rule():
         launch.Variant.parse("fast")
     with pytest.raises(ValueError, match="no config table"):
         launch.Variant.parse("rec@nope")
-    assert launch.Variant.parse("rec+wholek") == launch.Variant(records=True, wholek=True)
-    with pytest.raises(ValueError, match="single launch"):
-        launch.Variant.parse("pdl+wholek")
     # The H200 table turns tile records on (measured faster at every token count, run 4);
     # a GPU without a table gets v2.
     assert launch.pick_variant("NVIDIA H200", 1, 1, 16, 4096) == launch.Variant(records=True)
     assert launch.pick_variant("Some Other GPU", 1, 1, 16, 4096) == launch.Variant()
-
-
-def test_wholek_host_rule_and_config(monkeypatch):
-    """wholek_when switches the whole-K launch on (off without a rule: it is experimental);
-    it wins over pdl_when. Its A stage stays ~16 KB: BLOCK_K shrinks as the rank grows."""
-    from kernels import launch
-    table = {"wholek_when": [{"max_tokens": 16, "max_slots": 2, "max_rank": 16}],
-             "pdl_when": [{"min_tokens": 1}]}
-    monkeypatch.setattr(launch, "tuned_table", lambda name: table)
-    pick = launch.pick_variant.__wrapped__
-    assert pick("G", 1, 1, 16, 4096) == launch.Variant(wholek=True)
-    assert pick("G", 16, 8, 16, 4096) == launch.Variant(pdl=True)
-    assert pick("G", 1, 1, 64, 4096) == launch.Variant(pdl=True)
-    wholek = launch.wholek_launch.__wrapped__
-    assert [wholek("G", 1, 1, 4096, 4096, r).block_k for r in (8, 16, 64, 128)] == \
-        [512, 512, 128, 64]
-    assert wholek("G", 1, 1, 48, 4096, 16).block_k == 64
-    assert [wholek("G", 1, 1, 4096, n, 16).block_n for n in (1024, 4096, 14336)] == \
-        [128, 128, 256]
 
 
 _HOPPER_COMPILE = r"""
@@ -280,10 +256,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import triton_kernels as tk
 
-def ptx(kernel, constexprs, num_stages, divisible=()):
-    # divisible: arguments the JIT would specialize as multiples of 16 (aligned pointers, K)
-    names = list(inspect.signature(kernel.fn).parameters)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+def ptx(kernel, constexprs, num_stages):
     sig = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
@@ -294,7 +267,7 @@ def ptx(kernel, constexprs, num_stages, divisible=()):
                          "*bf16")
         else:
             sig[name] = "fp32" if name == "scale_val" else "i32"
-    compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs),
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs),
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=4, num_stages=num_stages))
     return compiled.asm["ptx"]
@@ -310,18 +283,13 @@ for records in (False, True):
                                    "griddepcontrol.wait" in expand]
     ptx(tk.fused_kernel, dict(common, HAS_SCALE_TENSOR=False, BLOCK_K=128, BLOCK_N=128,
                               PHASE=0), 2)
-wholek = ptx(tk.wholek_kernel, dict(BLOCK_M=16, BLOCK_R=16, DOT_UPCAST=False, RECORDS=True,
-                                    HAS_SCALE_TENSOR=False, BLOCK_K=512, BLOCK_N=128), 4,
-             divisible=("x_ptr", "a0_ptr", "a1_ptr", "a2_ptr", "K", "stride_xm"))
-out["wholek_cp_async"] = wholek.count("cp.async.commit_group")
 print(json.dumps(out))
 """
 
 
 def test_variants_compile_for_hopper():
     """The interpreter cannot run griddepcontrol: compile every variant for sm_90 (triton's
-    bundled ptxas, no GPU needed) in a process without TRITON_INTERPRET. Also checks that the
-    wholek kernel's A stream compiles to a cp.async pipeline."""
+    bundled ptxas, no GPU needed) in a process without TRITON_INTERPRET."""
     import json
     import subprocess
     import sys
@@ -331,8 +299,6 @@ def test_variants_compile_for_hopper():
                           text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     flags = json.loads(proc.stdout.strip().splitlines()[-1])
-    # The whole-K A stream must be software-pipelined (cp.async stages), else it is v1 again.
-    assert flags.pop("wholek_cp_async") >= 3
     for key, (launches, waits) in flags.items():
         pdl = key.endswith("True")
         assert launches == pdl and waits == pdl, (key, launches, waits)
