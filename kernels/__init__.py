@@ -6,6 +6,8 @@ Public API (shapes: T tokens, K hidden_in, N hidden_out, S slots, R rank):
     lora_shrink(x, lora_a, slot_ids, scaling=1.0, *, meta=None) -> buf [T, R] float32
     lora_expand(y, buf, lora_b, slot_ids, *, meta=None, offset=0) -> y
     build_meta(slot_ids, num_slots) -> LoraBatchMeta   (once per batch, reused by every layer)
+    add_lora_planned(y, x, lora_a, lora_b, meta) -> y   (engine hot path, Triton only: checks
+        and launch plan once per meta and call signature, cached in meta.plans)
 
 Backend: Triton when the tensors are on CUDA and triton imports, else the torch reference.
 LORAMIX_KERNELS=triton|torch|auto (default auto) or the `backend=` argument overrides this;
@@ -22,8 +24,8 @@ import torch
 from kernels import reference
 from kernels.meta import LoraBatchMeta, build_meta
 
-__all__ = ["add_lora", "add_lora_slices", "lora_shrink", "lora_expand", "build_meta",
-           "LoraBatchMeta", "backend_for", "triton_available"]
+__all__ = ["add_lora", "add_lora_planned", "add_lora_slices", "lora_shrink", "lora_expand",
+           "build_meta", "LoraBatchMeta", "backend_for", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -64,6 +66,19 @@ def add_lora(y, x, lora_a, lora_b, slot_ids, scaling=1.0, *, meta=None, backend=
     """y[t] += scaling[s] * (x[t] @ lora_a[s].T) @ lora_b[s].T, s = slot_ids[t] (-1: untouched)."""
     # y: [T, N], x: [T, K], lora_a: [S, R, K], lora_b: [S, N, R], slot_ids: [T]
     return _impl(x, backend).add_lora(y, x, lora_a, lora_b, slot_ids, scaling, meta=meta)
+
+
+def add_lora_planned(y, x, lora_a, lora_b, meta: LoraBatchMeta):
+    """add_lora(y, x, lora_a, lora_b, meta.slot_ids, meta=meta) on the Triton backend, with the
+    checks and launch configs done once per meta and call signature (triton_ops)."""
+    # y: [T, N], x: [T, K], lora_a: [S, R, K] contiguous, lora_b: [S, N, R] contiguous
+    return _triton_ops().add_lora_planned(y, x, lora_a, lora_b, meta)
+
+
+@functools.cache
+def _triton_ops():
+    from kernels import triton_ops
+    return triton_ops
 
 
 def add_lora_slices(y, x, lora_a_slices, lora_b_slices, slot_ids, scaling=1.0, *, meta=None,

@@ -30,6 +30,9 @@ class LoraBatchMeta:
                      tile's prologue in one round trip (Variant.records)
     counters:        [MAX_PIECES, max_tiles(block_m=16), 2] int32 zeros: the fused kernel's
                      per-tile barrier (it leaves them at zero; one stream at a time per meta)
+    plans:           call signature -> triton_ops.LoraPlan (launch configs, grids, the tile
+                     tensors above, one workspace per signature), filled by add_lora_planned;
+                     they stay valid across in-place refills
     """
 
     num_tokens: int
@@ -42,6 +45,7 @@ class LoraBatchMeta:
     counters: torch.Tensor
     tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     records: dict[int, torch.Tensor] = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +161,8 @@ def _refill(out: LoraBatchMeta, fresh: LoraBatchMeta) -> None:
                          f"batch has {fresh.num_tokens} / {fresh.num_slots}")
     for name in ("slot_ids", "sorted_tokens", "slot_start", "slot_len", "slot_end"):
         getattr(out, name).copy_(getattr(fresh, name))
-    for block_m, fresh_map in fresh.tiles.items():
+    for block_m in set(fresh.tiles) | set(out.tiles):  # also out's extra block_ms (plans)
+        fresh_map = fresh.tile_map(block_m)
         if block_m in out.tiles:
             for dst, src in zip(out.tiles[block_m], fresh_map):
                 dst.copy_(src)

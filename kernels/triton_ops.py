@@ -2,12 +2,16 @@
 
 Same signatures and numerics as kernels.reference. With a prebuilt `meta`, nothing here
 synchronises with the GPU, so a whole forward pass can be captured in a CUDA graph.
+Every call is checked, then planned (a LoraPlan: configs, grids, tile arguments, workspace),
+then launched; add_lora_planned, the engine's entry, keeps the checked plan in meta.plans and
+only launches on later calls of the same signature (bench/host_overhead.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -69,9 +73,32 @@ def _pdl(variant: launch.Variant, device: torch.device) -> dict:
     return dict(launch_pdl=True) if variant.pdl and launch.pdl_supported(device) else {}
 
 
-def _shrink(x, lora_as, scaling, meta, ws=None, variant=V2) -> torch.Tensor:
-    """ws [split_k, T, pieces * R] float32 partial sums of scaling * x @ a_i.T."""
-    # x: [T, K], lora_as[i]: [S, R, K]
+@dataclass(eq=False)
+class _Step:
+    """One kernel launch, complete but for the call's own tensors (x, y, lora_a, lora_b) and
+    scaling: grid, workspace (and barrier counters), trailing arguments, constexprs."""
+
+    kernel: object
+    grid: tuple
+    buffers: tuple
+    tail: tuple
+    options: dict
+
+    def launch(self, x, y, a, b, scale_ptr, scale_val) -> None:
+        # a, b: the group's lora_a / lora_b slices, padded to MAX_PIECES
+        if self.kernel is expand_kernel:
+            expand_kernel[self.grid](*self.buffers, *b, y, *self.tail, **self.options)
+        elif self.kernel is shrink_kernel:
+            shrink_kernel[self.grid](x, *a, *self.buffers, scale_ptr, scale_val, *self.tail,
+                                     **self.options)
+        else:
+            fused_kernel[self.grid](x, *a, *b, y, *self.buffers, scale_ptr, scale_val,
+                                    *self.tail, **self.options)
+
+
+def _shrink_step(x, lora_as, has_scale, meta, variant=V2, ws=None) -> _Step:
+    """Writes ws [split_k, T, pieces * R] float32 partial sums of scaling * x @ a_i.T."""
+    # x: [T, K] row-major, lora_as[i]: [S, R, K]
     num_tokens, hidden_in = x.shape
     rank, pieces = lora_as[0].shape[1], len(lora_as)
     gpu, num_sms = launch.device_key(x.device)
@@ -81,44 +108,40 @@ def _shrink(x, lora_as, scaling, meta, ws=None, variant=V2) -> torch.Tensor:
         ws = torch.empty(cfg.split_k, num_tokens, pieces * rank, dtype=torch.float32,
                          device=x.device)
     cfg = dataclasses.replace(cfg, split_k=ws.shape[0])
-    scale_ptr, scale_val, has_scale = _scale_args(scaling, x)
-    a = _padded(lora_as, lora_as[0])
     tiles = _tiles(meta, cfg.block_m, variant.records)
     grid = (_num_tiles(tiles), cfg.split_k, pieces)
-    shrink_kernel[grid](x, a[0], a[1], a[2], ws, scale_ptr, scale_val, *tiles,
-                        hidden_in, rank, cfg.split_k, x.stride(0), ws.stride(0), ws.stride(1),
-                        HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
-                        BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k,
-                        DOT_UPCAST=_dot_upcast(x), RECORDS=variant.records,
-                        GDC=bool(_pdl(variant, x.device)),
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return ws
+    tail = (*tiles, hidden_in, rank, cfg.split_k, x.stride(0), ws.stride(0), ws.stride(1))
+    options = dict(HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
+                   BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k,
+                   DOT_UPCAST=_dot_upcast(x), RECORDS=variant.records,
+                   GDC=bool(_pdl(variant, x.device)),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _Step(shrink_kernel, grid, (ws,), tail, options)
 
 
-def _expand(y, ws, lora_bs, offsets, meta, variant=V2) -> None:
+def _expand_step(y, ws, lora_bs, offsets, meta, variant=V2) -> _Step:
     """y[:, off_i : off_i + N_i] += sum_split(ws)[:, i*R:(i+1)*R] @ b_i.T."""
-    # y: [T, width], ws: [split, T, pieces * R], lora_bs[i]: [S, N_i, R]
+    # y: [T, width] row-major, ws: [split, T, pieces * R], lora_bs[i]: [S, N_i, R]
     num_tokens = y.shape[0]
     rank = lora_bs[0].shape[2]
     widths = [b.shape[1] for b in lora_bs]
     gpu, _ = launch.device_key(y.device)
     cfg = launch.expand_launch(variant.config_name(gpu), num_tokens, max(widths), rank)
-    b = _padded(lora_bs, lora_bs[0])
     n, off = _padded(widths, 0), _padded(list(offsets), 0)
     tiles = _tiles(meta, cfg.block_m, variant.records)
     grid = (_num_tiles(tiles), triton.cdiv(max(widths), cfg.block_n), len(lora_bs))
     pdl = _pdl(variant, y.device)
-    expand_kernel[grid](ws, b[0], b[1], b[2], y, *n, *off, *tiles,
-                        rank, ws.shape[0], ws.stride(0), ws.stride(1), y.stride(0),
-                        BLOCK_M=cfg.block_m, BLOCK_R=launch.block_r(rank), BLOCK_N=cfg.block_n,
-                        DOT_UPCAST=any(_dot_upcast(t) for t in lora_bs),
-                        RECORDS=variant.records, PDL=variant.pdl, GDC=bool(pdl),
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+    tail = (*n, *off, *tiles, rank, ws.shape[0], ws.stride(0), ws.stride(1), y.stride(0))
+    options = dict(BLOCK_M=cfg.block_m, BLOCK_R=launch.block_r(rank), BLOCK_N=cfg.block_n,
+                   DOT_UPCAST=any(_dot_upcast(t) for t in lora_bs),
+                   RECORDS=variant.records, PDL=variant.pdl, GDC=bool(pdl),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
+    return _Step(expand_kernel, grid, (ws,), tail, options)
 
 
-def _fused(y, x, lora_as, lora_bs, offsets, scaling, meta, variant=V2) -> None:
+def _fused_steps(y, x, lora_as, lora_bs, offsets, has_scale, meta, variant=V2) -> list[_Step]:
     """One launch: per tile, split-K shrink into ws, per-tile barrier, split-N expand."""
-    # y: [T, width], x: [T, K], lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
+    # y: [T, width], x: [T, K] row-major, lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
     num_tokens, hidden_in = x.shape
     rank, pieces = lora_as[0].shape[1], len(lora_as)
     widths = [b.shape[1] for b in lora_bs]
@@ -127,23 +150,75 @@ def _fused(y, x, lora_as, lora_bs, offsets, scaling, meta, variant=V2) -> None:
                               hidden_in, max(widths), rank, pieces)
     if cfg.block_m < MIN_BLOCK_M:
         raise ValueError(f"fused block_m must be >= {MIN_BLOCK_M}, got {cfg.block_m}")
-    scale_ptr, scale_val, has_scale = _scale_args(scaling, x)
-    a, b = _padded(lora_as, lora_as[0]), _padded(lora_bs, lora_bs[0])
     n, off = _padded(widths, 0), _padded(list(offsets), 0)
     tiles = _tiles(meta, cfg.block_m, variant.records)
     num_tiles = _num_tiles(tiles)
     ws = torch.empty(cfg.split_k, num_tokens, pieces * rank, dtype=torch.float32,
                      device=x.device)
+    tail = (*n, *off, *tiles, hidden_in, rank, cfg.split_k, num_tiles, x.stride(0),
+            y.stride(0), ws.stride(0), ws.stride(1))
+    options = dict(HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
+                   BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+                   DOT_UPCAST=any(_dot_upcast(t) for t in [x, *lora_bs]),
+                   RECORDS=variant.records, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # Under the interpreter programs run one after another: a barrier would wait forever.
     phases = (1, 2) if os.environ.get("TRITON_INTERPRET") == "1" else (0,)
-    for phase in phases:
-        fused_kernel[(num_tiles * cfg.split_k, pieces)](
-            x, a[0], a[1], a[2], b[0], b[1], b[2], y, ws, meta.counters, scale_ptr, scale_val,
-            *n, *off, *tiles, hidden_in, rank, cfg.split_k, num_tiles, x.stride(0), y.stride(0),
-            ws.stride(0), ws.stride(1), HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
-            BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, PHASE=phase,
-            DOT_UPCAST=any(_dot_upcast(t) for t in [x, *lora_bs]), RECORDS=variant.records,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (num_tiles * cfg.split_k, pieces)
+    return [_Step(fused_kernel, grid, (ws, meta.counters), tail, dict(options, PHASE=phase))
+            for phase in phases]
+
+
+@dataclass(eq=False)
+class LoraPlan:
+    """The launches of one call signature on one batch, built once (launch configs, variant,
+    grids, tile arguments, workspaces) and replayed with each call's tensors.
+
+    groups: (slice of the lora_a / lora_b lists, steps) per launch group of <= MAX_PIECES
+    slices. copy_x: x is not row-major and is copied per call, as add_lora does.
+    """
+
+    groups: list
+    copy_x: bool = False
+
+    def run(self, y, x, lora_as, lora_bs, scaling) -> None:
+        # y: [T, width] row-major, x: [T, K], lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
+        if self.copy_x:
+            x = x.contiguous()
+        scale_ptr, scale_val, _ = _scale_args(scaling, x)
+        for group, steps in self.groups:
+            a_group, b_group = lora_as[group], lora_bs[group]
+            a, b = _padded(a_group, a_group[0]), _padded(b_group, b_group[0])
+            for step in steps:
+                step.launch(x, y, a, b, scale_ptr, scale_val)
+
+
+def _plan(y, x, lora_as, lora_bs, scaling, meta, fused=None, variant=None) -> LoraPlan:
+    """Launches of add_lora / add_lora_slices on validated inputs with num_tokens > 0 (x, y
+    row-major, weights contiguous). fused / variant: None = the GPU table's host rules
+    (launch.use_fused, pick_variant)."""
+    offsets = [0]
+    for b in lora_bs[:-1]:
+        offsets.append(offsets[-1] + b.shape[1])
+    gpu, _ = launch.device_key(x.device)
+    shape = (x.shape[0], meta.num_slots, lora_as[0].shape[1], x.shape[1])
+    if isinstance(variant, str):
+        variant = launch.Variant.parse(variant)
+    variant = variant or launch.pick_variant(gpu, *shape)
+    if fused is None:
+        fused = launch.use_fused(variant.config_name(gpu), *shape)
+    has_scale = isinstance(scaling, torch.Tensor)
+    groups = []
+    for lo in range(0, len(lora_as), MAX_PIECES):
+        group = slice(lo, lo + MAX_PIECES)
+        if fused:
+            steps = _fused_steps(y, x, lora_as[group], lora_bs[group], offsets[group],
+                                 has_scale, meta, variant)
+        else:
+            shrink = _shrink_step(x, lora_as[group], has_scale, meta, variant)
+            steps = [shrink, _expand_step(y, shrink.buffers[0], lora_bs[group], offsets[group],
+                                          meta, variant)]
+        groups.append((group, steps))
+    return LoraPlan(groups)
 
 
 def _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling):
@@ -163,8 +238,7 @@ def _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling):
 
 def _apply(y, x, lora_as, lora_bs, slot_ids, scaling, meta, fused=None,
            variant=None) -> torch.Tensor:
-    """Shared body of add_lora / add_lora_slices: groups of up to 3 slices per launch.
-    fused / variant: None = the GPU table's host rules (launch.use_fused, pick_variant)."""
+    """Shared body of add_lora / add_lora_slices: check, plan, launch (every call)."""
     num_slots = _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling)
     meta = _meta(meta, slot_ids, x.shape[0], num_slots, x.device)
     if x.shape[0] == 0:
@@ -172,33 +246,21 @@ def _apply(y, x, lora_as, lora_bs, slot_ids, scaling, meta, fused=None,
     x, y_rm = _row_major(x, "x"), _row_major(y, "y")
     lora_as = [a.contiguous() for a in lora_as]
     lora_bs = [b.contiguous() for b in lora_bs]
-    offsets = [0]
-    for b in lora_bs[:-1]:
-        offsets.append(offsets[-1] + b.shape[1])
-    gpu, _ = launch.device_key(x.device)
-    shape = (x.shape[0], meta.num_slots, lora_as[0].shape[1], x.shape[1])
-    if isinstance(variant, str):
-        variant = launch.Variant.parse(variant)
-    variant = variant or launch.pick_variant(gpu, *shape)
-    if fused is None:
-        fused = launch.use_fused(variant.config_name(gpu), *shape)
-    for lo in range(0, len(lora_as), MAX_PIECES):
-        group = slice(lo, lo + MAX_PIECES)
-        if fused:
-            _fused(y_rm, x, lora_as[group], lora_bs[group], offsets[group], scaling, meta,
-                   variant)
-        else:
-            ws = _shrink(x, lora_as[group], scaling, meta, variant=variant)
-            _expand(y_rm, ws, lora_bs[group], offsets[group], meta, variant)
+    _plan(y_rm, x, lora_as, lora_bs, scaling, meta, fused, variant).run(
+        y_rm, x, lora_as, lora_bs, scaling)
     return y
+
+
+def _check_width(y, lora_b) -> None:
+    if isinstance(lora_b, torch.Tensor) and lora_b.dim() == 3 and isinstance(y, torch.Tensor) \
+            and y.dim() == 2 and lora_b.shape[1] != y.shape[1]:
+        raise ValueError(f"lora_b hidden_out {lora_b.shape[1]} != y width {y.shape[1]}")
 
 
 def add_lora(y, x, lora_a, lora_b, slot_ids, scaling=1.0, *, meta=None, fused=None,
              variant=None):
     # y: [T, N], x: [T, K], lora_a: [S, R, K], lora_b: [S, N, R]
-    if isinstance(lora_b, torch.Tensor) and lora_b.dim() == 3 and isinstance(y, torch.Tensor) \
-            and y.dim() == 2 and lora_b.shape[1] != y.shape[1]:
-        raise ValueError(f"lora_b hidden_out {lora_b.shape[1]} != y width {y.shape[1]}")
+    _check_width(y, lora_b)
     return _apply(y, x, [lora_a], [lora_b], slot_ids, scaling, meta, fused, variant)
 
 
@@ -208,6 +270,44 @@ def add_lora_slices(y, x, lora_a_slices, lora_b_slices, slot_ids, scaling=1.0, *
     checks_slices(y, lora_a_slices, lora_b_slices)
     return _apply(y, x, list(lora_a_slices), list(lora_b_slices), slot_ids, scaling, meta, fused,
                   variant)
+
+
+def add_lora_planned(y, x, lora_a, lora_b, meta: LoraBatchMeta) -> torch.Tensor:
+    """add_lora(y, x, lora_a, lora_b, meta.slot_ids, meta=meta) at scaling 1, for an engine's
+    per-layer hot path: the first call of each signature (shapes, strides, dtypes, device) on
+    this meta runs add_lora's checks and builds a LoraPlan, kept in meta.plans; later calls only
+    launch it. Same kernels, configs and arguments as add_lora, so the same bits. lora_a and
+    lora_b must be contiguous (slot buffers); one stream at a time per meta (the workspace of a
+    signature is shared by its calls)."""
+    # y: [T, N], x: [T, K], lora_a: [S, R, K], lora_b: [S, N, R]
+    try:
+        key = (x.shape, x.stride(), y.shape, y.stride(), lora_a.shape, lora_a.stride(),
+               lora_b.shape, lora_b.stride(), x.dtype, y.dtype, lora_a.dtype, lora_b.dtype,
+               x.device)
+        plan = meta.plans.get(key)
+    except AttributeError:  # not tensors or not a meta: the checks say what is wrong
+        key = plan = None
+    if plan is None:
+        plan = meta.plans[key] = _checked_plan(y, x, lora_a, lora_b, meta)
+    plan.run(y, x, [lora_a], [lora_b], 1.0)
+    return y
+
+
+def _checked_plan(y, x, lora_a, lora_b, meta: LoraBatchMeta) -> LoraPlan:
+    """add_lora's checks, then the plan of one call (no launches when num_tokens is 0)."""
+    if not isinstance(meta, LoraBatchMeta):
+        raise TypeError(f"meta must be a LoraBatchMeta from build_meta, got {type(meta)}")
+    _check_width(y, lora_b)
+    num_slots = _check_pieces(y, x, [lora_a], [lora_b], meta.slot_ids, 1.0)
+    _meta(meta, meta.slot_ids, x.shape[0], num_slots, x.device)
+    if not (lora_a.is_contiguous() and lora_b.is_contiguous()):
+        raise ValueError("add_lora_planned needs contiguous lora_a and lora_b (slot buffers)")
+    x_rm, y_rm = _row_major(x, "x"), _row_major(y, "y")
+    if x.shape[0] == 0:
+        return LoraPlan([])
+    plan = _plan(y_rm, x_rm, [lora_a], [lora_b], 1.0, meta)
+    plan.copy_x = x_rm is not x
+    return plan
 
 
 def lora_shrink(x, lora_a, slot_ids, scaling=1.0, *, meta=None):
@@ -222,7 +322,10 @@ def lora_shrink(x, lora_a, slot_ids, scaling=1.0, *, meta=None):
     gpu, num_sms = launch.device_key(x.device)
     cfg = launch.shrink_launch(gpu, num_sms, x.shape[0], num_slots, x.shape[1], rank, 1)
     ws = torch.zeros(cfg.split_k, x.shape[0], rank, dtype=torch.float32, device=x.device)
-    _shrink(x, [lora_a.contiguous()], scaling, meta, ws=ws)
+    lora_as = [lora_a.contiguous()]
+    step = _shrink_step(x, lora_as, isinstance(scaling, torch.Tensor), meta, ws=ws)
+    scale_ptr, scale_val, _ = _scale_args(scaling, x)
+    step.launch(x, None, _padded(lora_as, lora_as[0]), None, scale_ptr, scale_val)
     return ws[0] if cfg.split_k == 1 else ws.sum(0)
 
 
@@ -239,5 +342,7 @@ def lora_expand(y, buf, lora_b, slot_ids, *, meta=None, offset=0):
     if y.shape[0] == 0:
         return y
     ws = buf.contiguous().unsqueeze(0)
-    _expand(_row_major(y, "y"), ws, [lora_b.contiguous()], [offset], meta)
+    y_rm, lora_bs = _row_major(y, "y"), [lora_b.contiguous()]
+    step = _expand_step(y_rm, ws, lora_bs, [offset], meta)
+    step.launch(None, y_rm, None, _padded(lora_bs, lora_bs[0]), None, None)
     return y

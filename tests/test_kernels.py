@@ -131,7 +131,10 @@ def test_split_k_workspace_fully_written():
                                                           "mixed", 5)
     meta = kernels.build_meta(slot_ids, 4)
     ws = torch.full((3, 40, 8), float("nan"), device=DEVICE)
-    ws_out = triton_ops._shrink(x, [lora_a], scaling, meta, ws=ws)
+    step = triton_ops._shrink_step(x, [lora_a], isinstance(scaling, torch.Tensor), meta, ws=ws)
+    scale_ptr, scale_val, _ = triton_ops._scale_args(scaling, x)
+    step.launch(x, None, [lora_a] * 3, None, scale_ptr, scale_val)
+    ws_out = step.buffers[0]
     active = slot_ids >= 0
     assert ws_out.shape[0] > 1 and torch.isfinite(ws_out[:, active]).all()
     ref_buf = reference.lora_shrink(x, lora_a, slot_ids, scaling)
@@ -174,6 +177,61 @@ def test_split_k_and_n_chunks(monkeypatch, fused, split, hidden_in, widths):
     out = _triton().add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling,
                                     fused=fused)
     _check(out, expected, y, slot_ids, torch.float32)
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.dtype != torch.float32 else torch.int32)
+
+
+@pytest.mark.parametrize("num_tokens", [8, 80], ids=["fused", "pair"])  # CPU rule: fused <= 64
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planned_is_bitwise_add_lora_over_layers(num_tokens, dtype):
+    """add_lora_planned = triton add_lora with the same meta, bit for bit, over two layers of one
+    signature (one plan, one workspace, different weights) and a column-major x."""
+    gen = torch.Generator().manual_seed(num_tokens)
+    layers = [_make(num_tokens, 96, [160], 4, 16, dtype, "mixed", 2 * i)[1:4] for i in range(2)]
+    slot_ids = _slot_ids(num_tokens, 4, "mixed", gen).to(DEVICE)
+    meta = kernels.build_meta(slot_ids, 4)
+    y0 = torch.randn(num_tokens, 160, generator=gen).to(DEVICE, dtype)
+    want, got = y0.clone(), y0.clone()
+    col_major_x = layers[0][0].t().contiguous().t()
+    for x, (lora_a,), (lora_b,) in layers + [(col_major_x, *layers[1][1:])]:
+        _triton().add_lora(want, x, lora_a, lora_b, slot_ids, meta=meta)
+        kernels.add_lora_planned(got, x, lora_a, lora_b, meta)
+    assert torch.equal(_bits(got), _bits(want))
+    assert len(meta.plans) == 2  # row-major x and column-major x
+
+
+def test_planned_plans_survive_refill():
+    """A meta refilled in place for the next batch keeps its plans, which see the new slots."""
+    y, x, (lora_a,), (lora_b,), slot_ids, _ = _make(24, 64, [48], 4, 8, torch.float32, "mixed", 6)
+    meta = kernels.build_meta(slot_ids, 4)
+    kernels.add_lora_planned(y.clone(), x, lora_a, lora_b, meta)
+    new_ids = slot_ids.flip(0)
+    kernels.build_meta(new_ids, 4, out=meta)
+    got = kernels.add_lora_planned(y.clone(), x, lora_a, lora_b, meta)
+    want = _triton().add_lora(y.clone(), x, lora_a, lora_b, new_ids,
+                              meta=kernels.build_meta(new_ids, 4))
+    assert len(meta.plans) == 1 and torch.equal(_bits(got), _bits(want))
+
+
+def test_planned_checks_like_add_lora():
+    y, x, (lora_a,), (lora_b,), slot_ids, _ = _make(4, 32, [32], 2, 8, torch.float32, "mixed", 4)
+    meta = kernels.build_meta(slot_ids, 2)
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.add_lora_planned(y, x, lora_a.half(), lora_b, meta)
+    with pytest.raises(ValueError, match="width"):
+        kernels.add_lora_planned(y[:, :16], x, lora_a, lora_b, meta)
+    with pytest.raises(ValueError, match="unit stride"):
+        kernels.add_lora_planned(y.t().contiguous().t(), x, lora_a, lora_b, meta)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.add_lora_planned(y, x, lora_a.transpose(1, 2).contiguous().transpose(1, 2),
+                                 lora_b, meta)
+    with pytest.raises(ValueError, match="expected 3 .num_tokens."):
+        kernels.add_lora_planned(y[:3], x[:3], lora_a, lora_b, meta)
+    with pytest.raises(ValueError, match="x must be a 2-D tensor"):
+        kernels.add_lora_planned(y, None, lora_a, lora_b, meta)
+    assert not meta.plans
 
 
 VARIANT_COMBOS = [(False, "rec"), (False, "pdl"), (False, "rec+pdl"), (True, "rec")]

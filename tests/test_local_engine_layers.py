@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from torch import nn
+
+if not torch.cuda.is_available():  # the Triton path runs under the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import merging
 from kernels import add_lora
@@ -47,6 +53,42 @@ def test_each_token_gets_its_slots_delta_and_slot_minus_one_is_bit_identical():
                  torch.zeros(6, dtype=torch.int32))
     torch.testing.assert_close(single, rows.view(2, 3, 12), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(single, base + x @ factors[0].T)
+
+
+def test_triton_path_plans_once_per_batch_and_matches_torch(monkeypatch):
+    """On the Triton backend the layer calls add_lora_planned: the same result as the torch
+    path, one plan per layer signature, and the batch's meta reused while the slots stay."""
+    if importlib.util.find_spec("triton") is None:
+        if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
+            pytest.fail("triton is not installed but LORAMIX_REQUIRE_ALL=1")
+        pytest.skip("triton is not installed")
+    layer = _layer()
+    gen = torch.Generator().manual_seed(2)
+    delta = {}
+    for slot, rank in ((0, 4), (2, 8)):
+        lora_a, lora_b = torch.randn(rank, 16, generator=gen), torch.randn(12, rank, generator=gen)
+        layer.set_slot(slot, lora_a, lora_b, scaling=0.5)
+        delta[slot] = (0.5 * lora_b @ lora_a).T
+    x = torch.randn(3, 2, 16, generator=gen)
+    device, context = torch.device("cpu"), layer.context
+    with torch.inference_mode():
+        base = layer.base(x)
+        monkeypatch.setenv("LORAMIX_KERNELS", "torch")
+        context.set_slots([2, -1, 0], 2, num_slots=3, device=device)
+        want = layer(x)
+        context.clear()
+        monkeypatch.setenv("LORAMIX_KERNELS", "triton")
+        outs, metas = [], []
+        for row_slots in ([2, -1, 0], [2, -1, 0], [0, -1, 2]):
+            context.set_slots(row_slots, 2, num_slots=3, device=device)
+            outs.append(layer(x))
+            metas.append(context.meta)
+            context.clear()
+    assert metas[0] is metas[1] and metas[2] is not metas[0] and len(metas[0].plans) == 1
+    assert torch.equal(outs[0][1], base[1]) and torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[2][0], base[0] + x[0] @ delta[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[2][2], base[2] + x[2] @ delta[2], rtol=1e-5, atol=1e-5)
 
 
 def _adapter(seed: int) -> merging.LoraAdapter:

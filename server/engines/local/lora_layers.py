@@ -9,12 +9,12 @@ built once and shared by every layer); slot -1 leaves the base layer's output un
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from kernels import LoraBatchMeta, add_lora, backend_for, build_meta
+from kernels import LoraBatchMeta, add_lora, add_lora_planned, backend_for, build_meta
 
 DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -28,13 +28,16 @@ class LoraBatchContext:
     is_active is False when no token uses an adapter: the layers then run the base model only.
     single_slot is set when every token uses that one slot (one request, or one adapter).
     meta (the kernels' token grouping) is built only for the Triton backend; the torch
-    reference groups tokens itself.
+    reference groups tokens itself. The layers call kernels.add_lora_planned with it: checks
+    and launch plans once per batch and layer shape (meta.plans), not once per layer.
     """
 
     is_active: bool = False
     slot_ids: torch.Tensor | None = None  # [num_tokens] int32
     single_slot: int | None = None
     meta: LoraBatchMeta | None = None
+    # (set_slots arguments, slot_ids, single_slot, meta) of the last active pass
+    _last: tuple | None = field(default=None, repr=False)
 
     def set_slots(self, row_slots: list[int], tokens_per_row: int, num_slots: int,
                   device: torch.device) -> None:
@@ -44,13 +47,21 @@ class LoraBatchContext:
         if all(slot < 0 for slot in row_slots):
             return
         self.is_active = True
+        is_triton = backend_for(torch.empty(0, device=device)) == "triton"
+        key = (tuple(row_slots), tokens_per_row, num_slots, device, is_triton)
+        if self._last is not None and self._last[0] == key:
+            # Same slots as the last pass (decode steps of one batch): reuse the grouping and
+            # its launch plans; they depend on slot ids only, not on the slots' contents.
+            _, self.slot_ids, self.single_slot, self.meta = self._last
+            return
         slots = set(row_slots)
         self.single_slot = row_slots[0] if len(slots) == 1 else None
         slot_ids = torch.tensor(row_slots, dtype=torch.int32).repeat_interleave(tokens_per_row)
         self.slot_ids = slot_ids.to(device, non_blocking=True)
-        if backend_for(self.slot_ids) == "triton":
+        if is_triton:
             # The engine only hands out slots in [0, num_slots): skip the range check's sync.
             self.meta = build_meta(self.slot_ids, num_slots, check=False)
+        self._last = (key, self.slot_ids, self.single_slot, self.meta)
 
     def clear(self) -> None:
         self.is_active = False
@@ -108,7 +119,10 @@ class MultiLoraLinear(nn.Module):
             else:
                 y_rows.copy_(y_rows.float() + delta)
             return y
-        add_lora(y_rows, x_rows, self.lora_a, self.lora_b, context.slot_ids, meta=context.meta)
+        if context.meta is not None:  # Triton: checks and launch configs once per batch
+            add_lora_planned(y_rows, x_rows, self.lora_a, self.lora_b, context.meta)
+        else:
+            add_lora(y_rows, x_rows, self.lora_a, self.lora_b, context.slot_ids)
         return y
 
 
