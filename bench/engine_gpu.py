@@ -150,7 +150,42 @@ async def engine_batch(engine, prompts, handles, new_tokens, tag, device) -> dic
             "outputs": outputs}
 
 
-async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline) -> dict:
+async def profile_engine(engine, prompts, rows_by_kind, new_tokens, device, top: int) -> dict:
+    """cProfile of the engine's worker thread (where every forward pass runs) over one batch of
+    each kind: the Python functions with the most own time, to find where the host spends a
+    mixed pass that a base pass does not. cProfile slows Python down; read it as shares."""
+    import cProfile
+    import io
+    import pstats
+
+    loop = asyncio.get_running_loop()
+    worker = engine._executor  # the single thread that runs the model (see LocalEngine)
+    tables = {}
+    for kind, rows in rows_by_kind.items():
+        profiler = cProfile.Profile()
+        await loop.run_in_executor(worker, profiler.enable)
+        run = await engine_batch(engine, prompts, rows, new_tokens, f"prof-{kind}", device)
+        await loop.run_in_executor(worker, profiler.disable)
+        stream = io.StringIO()
+        stats = pstats.Stats(profiler, stream=stream).sort_stats("tottime")
+        stats.print_stats(top)
+        total = sum(entry[2] for entry in stats.stats.values())
+        print(f"\n== profile: {kind}, {run['forward_passes']} passes, {run['ms_per_pass']:.2f} ms/pass "
+              f"(profiled), {1e3 * total / max(run['forward_passes'], 1):.2f} ms of Python per pass ==\n"
+              + stream.getvalue(), flush=True)
+        ranked = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:top]
+        tables[kind] = {
+            "ms_per_pass": run["ms_per_pass"], "passes": run["forward_passes"],
+            "top_tottime_ms_per_pass": [
+                {"function": f"{path}:{line}({name})", "calls": calls,
+                 "ms_per_pass": 1e3 * tottime / max(run["forward_passes"], 1)}
+                for (path, line, name), (_, calls, tottime, _, _) in ranked],
+        }
+    return tables
+
+
+async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
+                       profile_top: int = 0) -> dict:
     from server.engines.base import AdapterHandle
     from server.engines.local import LocalEngine
 
@@ -173,6 +208,11 @@ async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline) 
     await engine_batch(engine, prompts, mixed, new, "warm-mixed", cfg["device"])
     await engine_batch(engine, prompts, base, new, "warm-base", cfg["device"])
     print(f"  engine warm-up {time.perf_counter() - t:.1f} s", flush=True)
+    if profile_top:
+        tables = await profile_engine(engine, prompts, {"base": base, "mixed": mixed},
+                                      min(new, 32), cfg["device"], profile_top)
+        await engine.shutdown()
+        return {"profile": tables}
     results = {"base": [], "mixed": []}
     for rep in range(repeats):
         if rep and time.monotonic() > deadline:
@@ -331,6 +371,9 @@ def main() -> None:
     parser.add_argument("--peft-repeats", type=int, default=1, help="timed runs of peft mixed")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="after this many seconds, stop starting extra repeats")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="instead of timing: profile one base and one mixed batch of the "
+                             "engine (32 new tokens) and print the TOP ops by self CPU time")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     cfg = dict(TINY if args.tiny else FULL, adapters=args.adapters, rank=args.rank)
@@ -354,7 +397,10 @@ def main() -> None:
         print(f"built model and {len(adapter_dirs)} adapters in {time.perf_counter() - t:.1f} s",
               flush=True)
         ours = asyncio.run(bench_engine(base_dir, adapter_dirs, prompts, cfg, args.repeats,
-                                        deadline))
+                                        deadline, args.profile))
+        if args.profile:
+            write(args.out, {"environment": env, "config": cfg, **ours})
+            return
         # Kept in case the baselines do not finish inside the device lease.
         write(args.out, {"environment": env, "config": cfg, "partial": True,
                          "loramix": {k: v for k, v in ours.items() if k != "outputs"}})
