@@ -68,11 +68,11 @@ def add_lora(y, x, lora_a, lora_b, slot_ids, scaling=1.0, *, meta=None, backend=
     return _impl(x, backend).add_lora(y, x, lora_a, lora_b, slot_ids, scaling, meta=meta)
 
 
-def add_lora_planned(y, x, lora_a, lora_b, meta: LoraBatchMeta):
+def add_lora_planned(y, x, lora_a, lora_b, meta: LoraBatchMeta, *, fused=None):
     """add_lora(y, x, lora_a, lora_b, meta.slot_ids, meta=meta) on the Triton backend, with the
     checks and launch configs done once per meta and call signature (triton_ops)."""
     # y: [T, N], x: [T, K], lora_a: [S, R, K] contiguous, lora_b: [S, N, R] contiguous
-    return _triton_ops().add_lora_planned(y, x, lora_a, lora_b, meta)
+    return _triton_ops().add_lora_planned(y, x, lora_a, lora_b, meta, fused=fused)
 
 
 @functools.cache

@@ -272,28 +272,29 @@ def add_lora_slices(y, x, lora_a_slices, lora_b_slices, slot_ids, scaling=1.0, *
                   variant)
 
 
-def add_lora_planned(y, x, lora_a, lora_b, meta: LoraBatchMeta) -> torch.Tensor:
+def add_lora_planned(y, x, lora_a, lora_b, meta: LoraBatchMeta, *, fused=None) -> torch.Tensor:
     """add_lora(y, x, lora_a, lora_b, meta.slot_ids, meta=meta) at scaling 1, for an engine's
     per-layer hot path: the first call of each signature (shapes, strides, dtypes, device) on
     this meta runs add_lora's checks and builds a LoraPlan, kept in meta.plans; later calls only
     launch it. Same kernels, configs and arguments as add_lora, so the same bits. lora_a and
     lora_b must be contiguous (slot buffers); one stream at a time per meta (the workspace of a
-    signature is shared by its calls)."""
+    signature is shared by its calls). fused: None = the GPU table's host rule; True/False
+    forces the one-launch fused kernel or the shrink+expand pair (part of the plan's key)."""
     # y: [T, N], x: [T, K], lora_a: [S, R, K], lora_b: [S, N, R]
     try:
         key = (x.shape, x.stride(), y.shape, y.stride(), lora_a.shape, lora_a.stride(),
                lora_b.shape, lora_b.stride(), x.dtype, y.dtype, lora_a.dtype, lora_b.dtype,
-               x.device)
+               x.device, fused)
         plan = meta.plans.get(key)
     except AttributeError:  # not tensors or not a meta: the checks say what is wrong
         key = plan = None
     if plan is None:
-        plan = meta.plans[key] = _checked_plan(y, x, lora_a, lora_b, meta)
+        plan = meta.plans[key] = _checked_plan(y, x, lora_a, lora_b, meta, fused)
     plan.run(y, x, [lora_a], [lora_b], 1.0)
     return y
 
 
-def _checked_plan(y, x, lora_a, lora_b, meta: LoraBatchMeta) -> LoraPlan:
+def _checked_plan(y, x, lora_a, lora_b, meta: LoraBatchMeta, fused=None) -> LoraPlan:
     """add_lora's checks, then the plan of one call (no launches when num_tokens is 0)."""
     if not isinstance(meta, LoraBatchMeta):
         raise TypeError(f"meta must be a LoraBatchMeta from build_meta, got {type(meta)}")
@@ -305,7 +306,7 @@ def _checked_plan(y, x, lora_a, lora_b, meta: LoraBatchMeta) -> LoraPlan:
     x_rm, y_rm = _row_major(x, "x"), _row_major(y, "y")
     if x.shape[0] == 0:
         return LoraPlan([])
-    plan = _plan(y_rm, x_rm, [lora_a], [lora_b], 1.0, meta)
+    plan = _plan(y_rm, x_rm, [lora_a], [lora_b], 1.0, meta, fused)
     plan.copy_x = x_rm is not x
     return plan
 

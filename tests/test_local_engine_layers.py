@@ -55,9 +55,12 @@ def test_each_token_gets_its_slots_delta_and_slot_minus_one_is_bit_identical():
     torch.testing.assert_close(single, base + x @ factors[0].T)
 
 
-def test_triton_path_plans_once_per_batch_and_matches_torch(monkeypatch):
+@pytest.mark.parametrize("engine_fused", ["auto", "decode"])
+def test_triton_path_plans_once_per_batch_and_matches_torch(monkeypatch, engine_fused):
     """On the Triton backend the layer calls add_lora_planned: the same result as the torch
-    path, one plan per layer signature, and the batch's meta reused while the slots stay."""
+    path, one plan per layer signature, and the batch's meta reused while the slots stay.
+    LORAMIX_ENGINE_FUSED=decode forces the one-launch fused kernel at decode sizes."""
+    monkeypatch.setenv("LORAMIX_ENGINE_FUSED", engine_fused)
     if importlib.util.find_spec("triton") is None:
         if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
             pytest.fail("triton is not installed but LORAMIX_REQUIRE_ALL=1")

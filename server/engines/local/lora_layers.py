@@ -9,12 +9,29 @@ built once and shared by every layer); slot -1 leaves the base layer's output un
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from kernels import LoraBatchMeta, add_lora, add_lora_planned, backend_for, build_meta
+
+# Eager decode is bound by the host, not the GPU: Triton's launcher costs tens of µs per launch
+# against 5–8 µs of kernel time (bench/kernels_notes.md, runs 5–6), so one fused launch per
+# layer can beat the shrink+expand pair the kernel-time rule picks. LORAMIX_ENGINE_FUSED:
+# "auto" = the GPU table's rule (kernel time), "decode" = fused up to FUSED_DECODE_TOKENS.
+FUSED_DECODE_TOKENS = 64
+
+
+def _engine_fused(num_tokens: int) -> bool | None:
+    mode = os.environ.get("LORAMIX_ENGINE_FUSED", "auto")
+    if mode == "decode":
+        return True if num_tokens <= FUSED_DECODE_TOKENS else None
+    if mode != "auto":
+        raise ValueError(f"LORAMIX_ENGINE_FUSED must be auto or decode, not {mode!r}")
+    return None
+
 
 DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -36,6 +53,7 @@ class LoraBatchContext:
     slot_ids: torch.Tensor | None = None  # [num_tokens] int32
     single_slot: int | None = None
     meta: LoraBatchMeta | None = None
+    fused: bool | None = None  # forced kernel choice of the planned path (see _engine_fused)
     # (set_slots arguments, slot_ids, single_slot, meta) of the last active pass
     _last: tuple | None = field(default=None, repr=False)
 
@@ -47,6 +65,7 @@ class LoraBatchContext:
         if all(slot < 0 for slot in row_slots):
             return
         self.is_active = True
+        self.fused = _engine_fused(len(row_slots) * tokens_per_row)
         is_triton = backend_for(torch.empty(0, device=device)) == "triton"
         key = (tuple(row_slots), tokens_per_row, num_slots, device, is_triton)
         if self._last is not None and self._last[0] == key:
@@ -120,7 +139,8 @@ class MultiLoraLinear(nn.Module):
                 y_rows.copy_(y_rows.float() + delta)
             return y
         if context.meta is not None:  # Triton: checks and launch configs once per batch
-            add_lora_planned(y_rows, x_rows, self.lora_a, self.lora_b, context.meta)
+            add_lora_planned(y_rows, x_rows, self.lora_a, self.lora_b, context.meta,
+                             fused=context.fused)
         else:
             add_lora(y_rows, x_rows, self.lora_a, self.lora_b, context.slot_ids)
         return y
