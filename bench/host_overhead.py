@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
+from timing import graph_time_us  # noqa: E402  (bench/timing.py)
 
 FULL = dict(shapes=[(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)], rank=16, tokens=32,
             adapters=8, layers=16, calls=200, repeats=7, graph_inner=20, dtype=torch.bfloat16,
@@ -66,28 +67,6 @@ def eager_us(fn, calls: int, repeats: int, device: str) -> tuple[float, float]:
     return statistics.median(issue), statistics.median(wall)
 
 
-def graph_us(fn, inner: int, replays: int = 15) -> float:
-    """Median GPU time of one fn() call: `inner` calls captured in a CUDA graph, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return statistics.median(times)
 
 
 def make_layer(hidden_in: int, hidden_out: int, cfg: dict, seed: int):
@@ -123,8 +102,8 @@ def per_shape(cfg: dict, ids: torch.Tensor) -> list[dict]:
             row[f"{name}_issue_us"], row[f"{name}_wall_us"] = eager_us(
                 fn, cfg["calls"], cfg["repeats"], cfg["device"])
         if cfg["graph_inner"]:
-            row["old_graph_us"] = graph_us(old, cfg["graph_inner"])
-            row["lean_graph_us"] = graph_us(lean, cfg["graph_inner"])
+            row["old_graph_us"] = graph_time_us(old, cfg["graph_inner"])
+            row["lean_graph_us"] = graph_time_us(lean, cfg["graph_inner"])
         rows.append(row)
         print(f"  {k}->{n}: " + ", ".join(f"{key} {v:.1f}" if isinstance(v, float) else
                                           f"{key} {v}" for key, v in row.items()

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import graph_time_us  # noqa: E402  (bench/timing.py)
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 RANKS = [16, 64]
@@ -94,31 +95,6 @@ def per_adapter_loop(groups):
 
 
 # ---------------------------------------------------------------- timing
-def graph_time_us(fn, inner: int, replays: int = 15) -> float:
-    """Median time of one fn() call: `inner` calls captured in a CUDA graph, timed by replay."""
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    del graph
-    return statistics.median(times)
 
 
 def eager_time_us(fn, reps: int = 3) -> float:

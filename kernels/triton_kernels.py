@@ -164,6 +164,19 @@ def shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, ws_ptr, scale_ptr, scale_val,
     tl.store(ws_ptrs, acc, mask=mask_m[:, None] & (offs_r[None, :] < R))
 
 
+@triton.jit
+def _sum_partials(ws_ptr, tokens, mask_m, piece, R, split_k, stride_ws_split, stride_ws_m,
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The shrink's split-K partials of a tile's rows, summed in float32: [BLOCK_M, BLOCK_R]."""
+    offs_r = tl.arange(0, BLOCK_R)
+    ws_ptrs = ws_ptr + tokens[:, None] * stride_ws_m + (piece * R + offs_r)[None, :]
+    mask_r = mask_m[:, None] & (offs_r[None, :] < R)
+    buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for split in range(split_k):
+        buf += tl.load(ws_ptrs + split * stride_ws_split, mask=mask_r, other=0.0)
+    return buf
+
+
 @triton.jit(do_not_specialize=["n0", "n1", "n2", "off0", "off1", "off2", "split_k"])
 def expand_kernel(ws_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, n0, n1, n2, off0, off1, off2,
                   sorted_ptr, tile_slot_ptr, tile_start_ptr, slot_end_ptr,
@@ -189,12 +202,8 @@ def expand_kernel(ws_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, n0, n1, n2, off0, off1,
                                       tile, BLOCK_M, RECORDS)
     if slot < 0:
         return
-    offs_r = tl.arange(0, BLOCK_R)
-    ws_ptrs = ws_ptr + tokens[:, None] * stride_ws_m + (piece * R + offs_r)[None, :]
-    mask_r = mask_m[:, None] & (offs_r[None, :] < R)
-    buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for split in range(split_k):
-        buf += tl.load(ws_ptrs + split * stride_ws_split, mask=mask_r, other=0.0)
+    buf = _sum_partials(ws_ptr, tokens, mask_m, piece, R, split_k, stride_ws_split, stride_ws_m,
+                        BLOCK_M, BLOCK_R)
     b_ptr = _pick(piece, b0_ptr, b1_ptr, b2_ptr)
     col_offset = _pick(piece, off0, off1, off2)
     _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, pid_n * BLOCK_N, N, R, col_offset,
@@ -222,12 +231,8 @@ def _expand_after_shrink(ws_ptr, b_ptr, y_ptr, N, col_offset, sorted_ptr, tile_s
     if GDC:
         tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible
     if (slot >= 0) & (n_lo < N):
-        offs_r = tl.arange(0, BLOCK_R)
-        ws_ptrs = ws_ptr + tokens[:, None] * stride_ws_m + (piece * R + offs_r)[None, :]
-        mask_r = mask_m[:, None] & (offs_r[None, :] < R)
-        buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for split in range(split_k):
-            buf += tl.load(ws_ptrs + split * stride_ws_split, mask=mask_r, other=0.0)
+        buf = _sum_partials(ws_ptr, tokens, mask_m, piece, R, split_k, stride_ws_split,
+                            stride_ws_m, BLOCK_M, BLOCK_R)
         delta = _delta(buf, bt, DOT_UPCAST)
         tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
 
