@@ -9,6 +9,10 @@ with non-zero lora_b. Then measures, with the same random prompts (32 requests, 
 tokens, 128 new tokens, greedy, EOS ignored), each after a warm-up:
   1. LocalEngine, base model only, 32 requests in flight at once;
   2. LocalEngine, the same 32 requests over 8 adapters (4 each), all in flight at once;
+  (1 and 2 for each engine mode of --modes: decode replayed from CUDA graphs over a static
+  KV cache, the static cache launched eagerly, the dynamic cache launched eagerly; in graphs
+  mode the warm-up's first 64 replays are also run eagerly on the same inputs and the largest
+  logit difference is reported: 0 means the graphs replay exactly the eager computation);
   3. transformers `generate` of the base model, batch 32;
   4. transformers + peft `generate` with all 8 adapters loaded and `adapter_names` per row
      (peft's mixed-batch inference), batch 32.
@@ -44,6 +48,14 @@ PROJECTIONS = {  # name -> (in_features, out_features) as functions of the model
     "up_proj": lambda c: (c["hidden"], c["intermediate"]),
     "down_proj": lambda c: (c["intermediate"], c["hidden"]),
 }
+# LocalEngine options of each mode compared (--modes); the first is the headline figure.
+MODES = {
+    "graphs": {"kv_cache": "static"},  # static KV cache, decode replayed from CUDA graphs
+    "eager": {"kv_cache": "static", "enforce_eager": True},  # the same, launched eagerly
+    "dynamic": {"kv_cache": "dynamic"},  # DynamicCache, eager (the engine before graphs)
+}
+MODE_LABELS = {"graphs": "CUDA graphs", "eager": "static KV, eager",
+               "dynamic": "dynamic KV, eager"}
 FULL = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000,
             dtype="bfloat16", device="cuda", requests=32, prompt=128, new_tokens=128)
 TINY = dict(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=256, vocab=1000,
@@ -184,15 +196,33 @@ async def profile_engine(engine, prompts, rows_by_kind, new_tokens, device, top:
     return tables
 
 
+def check_replays(engine, limit: int) -> list[float]:
+    """Make the engine's first `limit` graph replays also run the same forward eagerly on the
+    same inputs (the forward is idempotent for them) and record max |replay - eager| of the
+    logits: 0.0 means the graph replays exactly the eager computation."""
+    decoder = engine._runner.decoder
+    replay, diffs = decoder._replay, []
+
+    def checked(rows, width, is_lora):
+        logits = replay(rows, width, is_lora).clone()
+        if len(diffs) < limit:
+            diffs.append(float((logits - decoder._forward(rows, width)).abs().max()))
+        return logits
+
+    decoder._replay = checked
+    return diffs
+
+
 async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
-                       profile_top: int = 0) -> dict:
+                       profile_top: int = 0, options: dict | None = None) -> dict:
     from server.engines.base import AdapterHandle
     from server.engines.local import LocalEngine
 
     engine = LocalEngine(base_dir, max_loras=len(adapter_dirs), max_lora_rank=cfg["rank"],
                          dtype=cfg["dtype"], device=cfg["device"],
-                         max_batch_size=cfg["requests"])
+                         max_batch_size=cfg["requests"], **(options or {}))
     await engine.start()
+    diffs = check_replays(engine, 64) if engine.cuda_graphs else []
     handles = [AdapterHandle(i + 1, f"skill{i}", path, rank=cfg["rank"])
                for i, path in enumerate(adapter_dirs)]
     for handle in handles:
@@ -207,7 +237,13 @@ async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
     t = time.perf_counter()
     await engine_batch(engine, prompts, mixed, new, "warm-mixed", cfg["device"])
     await engine_batch(engine, prompts, base, new, "warm-base", cfg["device"])
-    print(f"  engine warm-up {time.perf_counter() - t:.1f} s", flush=True)
+    health = engine.health()
+    print(f"  engine warm-up {time.perf_counter() - t:.1f} s ({health['kv_cache']} KV cache, "
+          f"{health['num_cuda_graphs']} CUDA graphs)", flush=True)
+    if engine.cuda_graphs:
+        del engine._runner.decoder._replay  # timed runs replay without the check
+        print(f"  graph replay vs eager, {len(diffs)} steps: max |logit diff| "
+              f"{max(diffs, default=float('nan')):.3g}", flush=True)
     if profile_top:
         tables = await profile_engine(engine, prompts, {"base": base, "mixed": mixed},
                                       min(new, 32), cfg["device"], profile_top)
@@ -231,6 +267,10 @@ async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
         for run in runs:
             run.pop("outputs", None)
     return {"base": summary(results["base"]), "mixed": summary(results["mixed"]),
+            "options": options or {}, "kv_cache": health["kv_cache"],
+            "cuda_graphs": health["cuda_graphs"], "num_cuda_graphs": health["num_cuda_graphs"],
+            "replay_vs_eager_max_abs_diff": max(diffs) if diffs else None,
+            "replay_checks": len(diffs),
             "max_adapters_per_pass": health["max_adapters_per_pass"],
             "adapter_loads": health["adapter_loads"], "outputs": outputs}
 
@@ -327,10 +367,13 @@ def render(result: dict) -> str:
         "| system | batch | output tok/s (median) | timed runs, tok/s | LoRA overhead (tok/s lost vs base) |",
         "|---|---|---|---|---|",
     ]
-    rows = [
-        ("loramix LocalEngine", "base model only", ours["base"], None),
-        ("loramix LocalEngine", f"{cfg['adapters']} adapters mixed", ours["mixed"],
-         result["overhead_percent"]["loramix"]),
+    rows = []
+    for mode, run in result.get("loramix_modes", {result.get("mode", "eager"): ours}).items():
+        system = f"loramix LocalEngine, {MODE_LABELS.get(mode, mode)}"
+        rows += [(system, "base model only", run["base"], None),
+                 (system, f"{cfg['adapters']} adapters mixed", run["mixed"],
+                  overhead(run["base"], run["mixed"]))]
+    rows += [
         ("transformers `generate`", "base model only", hf["base"], None),
         ("transformers + peft `generate` (`adapter_names`)", f"{cfg['adapters']} adapters mixed",
          hf["mixed"], result["overhead_percent"]["peft"]),
@@ -364,6 +407,8 @@ def environment(cfg: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (script check)")
+    parser.add_argument("--device", help="override the device (e.g. --tiny --device cuda: "
+                        "the tiny float32 model on the GPU, where the modes must agree)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
@@ -371,13 +416,20 @@ def main() -> None:
     parser.add_argument("--peft-repeats", type=int, default=1, help="timed runs of peft mixed")
     parser.add_argument("--budget-s", type=float, default=300.0,
                         help="after this many seconds, stop starting extra repeats")
+    parser.add_argument("--modes", default="graphs,eager,dynamic",
+                        help=f"comma-separated engine modes to time, of {sorted(MODES)}")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="instead of timing: profile one base and one mixed batch of the "
                              "engine (32 new tokens) and print the TOP ops by self CPU time")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
+    modes = args.modes.split(",")
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes must name some of {sorted(MODES)}")
     cfg = dict(TINY if args.tiny else FULL, adapters=args.adapters, rank=args.rank)
     cfg["head_dim"] = cfg["hidden"] // cfg["heads"]
+    if args.device:
+        cfg["device"] = args.device
     if cfg["requests"] % cfg["adapters"]:
         parser.error("the number of requests must be a multiple of --adapters")
     from transformers.utils import logging as hf_logging
@@ -396,27 +448,40 @@ def main() -> None:
         gc.collect()
         print(f"built model and {len(adapter_dirs)} adapters in {time.perf_counter() - t:.1f} s",
               flush=True)
-        ours = asyncio.run(bench_engine(base_dir, adapter_dirs, prompts, cfg, args.repeats,
-                                        deadline, args.profile))
+        by_mode = {}
+        for mode in modes:
+            print(f"loramix LocalEngine, mode {mode}: {MODES[mode]}", flush=True)
+            by_mode[mode] = asyncio.run(bench_engine(base_dir, adapter_dirs, prompts, cfg,
+                                                     args.repeats, deadline, args.profile,
+                                                     MODES[mode]))
+            if args.profile:
+                continue
+            # Kept in case the baselines do not finish inside the device lease.
+            write(args.out, {"environment": env, "config": cfg, "partial": True, "loramix_modes": {
+                m: {k: v for k, v in r.items() if k != "outputs"} for m, r in by_mode.items()}})
+            gc.collect()
         if args.profile:
-            write(args.out, {"environment": env, "config": cfg, **ours})
+            write(args.out, {"environment": env, "config": cfg, "modes": by_mode})
             return
-        # Kept in case the baselines do not finish inside the device lease.
-        write(args.out, {"environment": env, "config": cfg, "partial": True,
-                         "loramix": {k: v for k, v in ours.items() if k != "outputs"}})
+        ours = by_mode[modes[0]]
         gc.collect()
         if cfg["device"].startswith("cuda"):
             torch.cuda.empty_cache()
         hf = bench_hf(base_dir, adapter_dirs, prompts, cfg, args.repeats, args.peft_repeats,
                       deadline)
-    ours_out, hf_out = ours.pop("outputs"), hf.pop("outputs")
+    outputs = {mode: run.pop("outputs") for mode, run in by_mode.items()}
+    ours_out, hf_out = outputs[modes[0]], hf.pop("outputs")
     result = {
         "environment": env,
         "config": cfg,
+        "mode": modes[0],
         "loramix": ours,
+        "loramix_modes": by_mode,
         "transformers": hf,
         "overhead_percent": {"loramix": overhead(ours["base"], ours["mixed"]),
-                             "peft": overhead(hf["base"], hf["mixed"])},
+                             "peft": overhead(hf["base"], hf["mixed"]),
+                             **{f"loramix_{m}": overhead(r["base"], r["mixed"])
+                                for m, r in by_mode.items()}},
         # Checks, not speed: adapters change every row; bf16 batched greedy decoding may
         # legitimately drift between implementations, so agreement is reported, not required.
         "checks": {
@@ -428,6 +493,8 @@ def main() -> None:
             "loramix_vs_peft_mixed_rows_identical": same_rows(ours_out["mixed"], hf_out["mixed"]),
             "loramix_vs_peft_mixed_first_token_identical": sum(
                 a[0] == b[0] for a, b in zip(ours_out["mixed"], hf_out["mixed"])),
+            **{f"{modes[0]}_vs_{m}_{kind}_rows_identical": same_rows(ours_out[kind], out[kind])
+               for m, out in outputs.items() if m != modes[0] for kind in ("base", "mixed")},
         },
     }
     table = render(result)

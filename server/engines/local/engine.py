@@ -15,16 +15,19 @@ from typing import AsyncIterator
 
 import torch
 
+from kernels import backend_for
+
 from server.engines.base import (AdapterHandle, Engine, EngineError, GenerationDelta,
                                  SamplingOptions)
 from server.engines.local.lora_layers import (DEFAULT_TARGET_MODULES, LoraBatchContext,
                                               install_lora_layers)
-from server.engines.local.runner import ModelRunner
+from server.engines.local.runner import ModelRunner, StaticModelRunner
 from server.engines.local.sequence import Sequence
 from server.engines.local.slots import AdapterSlots, check_rank, load_checked
 
 logger = logging.getLogger("loramix.engines.local")
 
+KV_CACHES = ("auto", "dynamic", "static")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "auto": "auto"}
 
@@ -35,16 +38,26 @@ class LocalEngine(Engine):
     max_loras: adapters resident at once (slots); max_lora_rank: largest rank accepted;
     dtype: float32 | float16 | bfloat16 | auto (the checkpoint's); device: torch device
     (default cuda if available, else cpu); max_batch_size: rows decoded per forward pass;
-    target_modules: names of the linear layers that get LoRA slots.
+    target_modules: names of the linear layers that get LoRA slots; max_model_len: longest
+    context, prompt plus output (default and upper bound: the model's
+    max_position_embeddings); kv_cache: dynamic (grown per step), static (preallocated for
+    max_batch_size rows of max_model_len tokens) or auto (static on CUDA); enforce_eager:
+    never capture CUDA graphs (a static cache on CUDA replays its decode steps from graphs).
     """
 
     name = "local"
 
     def __init__(self, model_dir: Path | str, *, max_loras: int = 8, max_lora_rank: int = 64,
                  dtype: str = "float32", device: str | None = None, max_batch_size: int = 16,
-                 target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> None:
+                 target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
+                 max_model_len: int | None = None, kv_cache: str = "auto",
+                 enforce_eager: bool = False) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         for label, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank),
                              ("max_batch_size", max_batch_size)):
             if value < 1:
@@ -57,7 +70,11 @@ class LocalEngine(Engine):
         self.max_batch_size = max_batch_size
         self.target_modules = tuple(target_modules)
         self.tokenizer = None
+        self._max_model_len_option = max_model_len
         self.max_model_len: int | None = None
+        self.kv_cache = kv_cache  # resolved to "dynamic" or "static" at start
+        self.enforce_eager = enforce_eager
+        self.cuda_graphs = False
         self._runner: ModelRunner | None = None
         self._slots: AdapterSlots | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -94,15 +111,36 @@ class LocalEngine(Engine):
             raise EngineError(f"The model has no linear layers named {self.target_modules}.")
         self._slots = AdapterSlots(layers, self.max_loras, self._max_lora_rank)
         config = model.config
-        self.max_model_len = getattr(config, "max_position_embeddings", None)
+        limits = [n for n in (self._max_model_len_option,
+                              getattr(config, "max_position_embeddings", None)) if n]
+        self.max_model_len = min(limits) if limits else None
         # Checkpoints often pad the embedding beyond the tokenizer's size; both ranges are valid.
         self._vocab_size = max(len(self.tokenizer), getattr(config, "vocab_size", 0) or 0)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
         self._eos_token_ids = _eos_ids(model, self.tokenizer)
-        self._runner = ModelRunner(model, context, self._slots, pad_token_id=pad,
-                                   device=self.device)
+        self._runner = self._make_runner(model, context, pad)
+
+    def _make_runner(self, model, context: LoraBatchContext, pad: int) -> ModelRunner:
+        """The dynamic or static runner the options and the model allow (see the class doc)."""
+        attention = getattr(model.config, "_attn_implementation", "sdpa")
+        static = self.kv_cache == "static" or (self.kv_cache == "auto"
+                                                and self.device.type == "cuda")
+        if static and (self.max_model_len is None or attention not in ("sdpa", "eager")):
+            if self.kv_cache == "static":
+                raise EngineError("kv_cache='static' needs max_model_len (or the model's "
+                                  "max_position_embeddings) and sdpa or eager attention.")
+            static = False
+        self.kv_cache = "static" if static else "dynamic"
+        if not static:
+            return ModelRunner(model, context, self._slots, pad_token_id=pad, device=self.device)
+        # Graphs need the Triton kernels: the torch reference groups tokens data-dependently.
+        self.cuda_graphs = (self.device.type == "cuda" and not self.enforce_eager
+                            and backend_for(torch.empty(0, device=self.device)) == "triton")
+        return StaticModelRunner(model, context, self._slots, pad_token_id=pad,
+                                 device=self.device, max_rows=self.max_batch_size,
+                                 max_len=self.max_model_len, use_graphs=self.cuda_graphs)
 
     async def shutdown(self) -> None:
         """Stop the scheduler, end outstanding requests with an error, free the model."""
@@ -247,6 +285,11 @@ class LocalEngine(Engine):
             "max_loras": self.max_loras,
             "max_lora_rank": self._max_lora_rank,
             "max_batch_size": self.max_batch_size,
+            "max_model_len": self.max_model_len,
+            "kv_cache": self.kv_cache,
+            "cuda_graphs": isinstance(runner, StaticModelRunner) and runner.decoder.use_graphs,
+            "num_cuda_graphs": len(runner.decoder.graphs) if isinstance(
+                runner, StaticModelRunner) else 0,
             "loaded_adapters": self._slots.resident() if self._slots else {},
             "adapter_loads": self._slots.num_loads if self._slots else 0,
             "num_running": sum(not s.is_done for s in runner.rows) if runner else 0,

@@ -82,6 +82,14 @@ class LoraBatchContext:
             self.meta = build_meta(self.slot_ids, num_slots, check=False)
         self._last = (key, self.slot_ids, self.single_slot, self.meta)
 
+    def set_meta(self, meta: LoraBatchMeta) -> None:
+        """Use a caller-owned meta for the next forward: a CUDA-graph bucket's, whose tensors
+        the caller refills in place when the rows' slots change (see static_decode.py)."""
+        self.clear()
+        self.is_active = True
+        self.meta, self.slot_ids = meta, meta.slot_ids
+        self.fused = _engine_fused(meta.num_tokens)
+
     def clear(self) -> None:
         self.is_active = False
         self.slot_ids = None

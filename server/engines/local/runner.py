@@ -20,6 +20,8 @@ from server.engines.base import EngineError
 from server.engines.local.lora_layers import LoraBatchContext
 from server.engines.local.sequence import Sequence
 from server.engines.local.slots import AdapterSlots
+from server.engines.local.static_decode import StaticDecoder
+from server.engines.local.static_kv import StaticKV
 
 logger = logging.getLogger("loramix.engines.local")
 
@@ -198,3 +200,44 @@ class ModelRunner:
                 self.slots.release(seq.adapter.adapter_id)
                 seq.slot = -1
         self.rows, self.cache, self.mask = [], None, None
+
+
+class StaticModelRunner(ModelRunner):
+    """ModelRunner whose running batch lives in a preallocated StaticKV, so decode steps
+    can be replayed from CUDA graphs (static_decode.py). Prefill is unchanged: new rows are
+    prefilled together into a fresh DynamicCache, then copied into the static buffers."""
+
+    def __init__(self, model, context: LoraBatchContext, slots: AdapterSlots, *,
+                 pad_token_id: int, device: torch.device, max_rows: int, max_len: int,
+                 use_graphs: bool) -> None:
+        super().__init__(model, context, slots, pad_token_id=pad_token_id, device=device)
+        self.kv = StaticKV(max_rows, max_len, device)
+        self.decoder = StaticDecoder(model, context, self.kv, num_slots=slots.max_loras,
+                                     pad_token_id=pad_token_id, use_graphs=use_graphs)
+
+    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+        self.kv.append(_cache_layers(cache), mask, [s.num_prompt_tokens for s in seqs])
+        self.rows = self.rows + list(seqs)
+
+    def _drop_done(self) -> None:
+        keep = [i for i, s in enumerate(self.rows) if not s.is_done]
+        if len(keep) == len(self.rows):
+            return
+        for seq in self.rows:
+            if seq.is_done:
+                self._release(seq)
+        self.kv.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+    def _decode(self) -> None:
+        rows = self.rows
+        row_slots = [s.slot for s in rows]
+        self.num_forward_passes += 1
+        self.max_adapters_per_pass = max(self.max_adapters_per_pass, len(set(row_slots)))
+        logits = self.decoder.decode([s.output_token_ids[-1] for s in rows],
+                                     [s.next_position for s in rows], row_slots)
+        self._sample(rows, logits.cpu())
+
+    def _fail_all(self, admit: list[Sequence], exc: Exception) -> None:
+        super()._fail_all(admit, exc)
+        self.kv.reset()
