@@ -196,21 +196,43 @@ async def profile_engine(engine, prompts, rows_by_kind, new_tokens, device, top:
     return tables
 
 
-def check_replays(engine, limit: int) -> list[float]:
-    """Make the engine's first `limit` graph replays also run the same forward eagerly on the
-    same inputs (the forward is idempotent for them) and record max |replay - eager| of the
-    logits: 0.0 means the graph replays exactly the eager computation."""
+def check_replays(engine, limit: int) -> list[tuple[float, float]]:
+    """Make the engine's first `limit` graph replays also run the same forward eagerly, twice,
+    on the same inputs (the forward is idempotent for them) and record (max |replay - eager|,
+    max |eager - eager again|) of the logits: 0.0 means bitwise the same; the second is the
+    run-to-run noise floor of the eager computation itself."""
     decoder = engine._runner.decoder
     replay, diffs = decoder._replay, []
 
     def checked(rows, width, is_lora):
         logits = replay(rows, width, is_lora).clone()
         if len(diffs) < limit:
-            diffs.append(float((logits - decoder._forward(rows, width)).abs().max()))
+            first, second = decoder._forward(rows, width), decoder._forward(rows, width)
+            diffs.append((float((logits - first).abs().max()),
+                          float((first - second).abs().max())))
         return logits
 
     decoder._replay = checked
     return diffs
+
+
+def time_replays(engine, device: str, count: int = 50) -> dict[str, float]:
+    """GPU time of one replay of each captured decode graph (ms, mean of `count` back-to-back
+    replays between CUDA events), with the engine idle: the pass's device time without the
+    host's per-step work (input copies, sampling, detokenizing, streaming)."""
+    times = {}
+    for (rows, width, is_lora), (graph, _) in sorted(engine._runner.decoder.graphs.items()):
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(count):
+            graph.replay()
+        end.record()
+        sync(device)
+        label = f"{rows} rows x {width} columns, {'LoRA' if is_lora else 'base'}"
+        times[label] = start.elapsed_time(end) / count
+        print(f"  graph replay {label}: {times[label]:.3f} ms", flush=True)
+    return times
 
 
 async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
@@ -243,7 +265,8 @@ async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
     if engine.cuda_graphs:
         del engine._runner.decoder._replay  # timed runs replay without the check
         print(f"  graph replay vs eager, {len(diffs)} steps: max |logit diff| "
-              f"{max(diffs, default=float('nan')):.3g}", flush=True)
+              f"{max((d[0] for d in diffs), default=float('nan')):.3g} (eager vs eager: "
+              f"{max((d[1] for d in diffs), default=float('nan')):.3g})", flush=True)
     if profile_top:
         tables = await profile_engine(engine, prompts, {"base": base, "mixed": mixed},
                                       min(new, 32), cfg["device"], profile_top)
@@ -261,6 +284,7 @@ async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
                   f"{run['ms_per_pass']:.2f} ms/pass)", flush=True)
             results[kind].append(run)
     health = engine.health()
+    replay_ms = time_replays(engine, cfg["device"]) if engine.cuda_graphs else {}
     await engine.shutdown()
     outputs = {k: v[-1].pop("outputs") for k, v in results.items()}
     for runs in results.values():
@@ -269,7 +293,9 @@ async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
     return {"base": summary(results["base"]), "mixed": summary(results["mixed"]),
             "options": options or {}, "kv_cache": health["kv_cache"],
             "cuda_graphs": health["cuda_graphs"], "num_cuda_graphs": health["num_cuda_graphs"],
-            "replay_vs_eager_max_abs_diff": max(diffs) if diffs else None,
+            "replay_vs_eager_max_abs_diff": max(d[0] for d in diffs) if diffs else None,
+            "eager_vs_eager_max_abs_diff": max(d[1] for d in diffs) if diffs else None,
+            "graph_replay_ms": replay_ms,
             "replay_checks": len(diffs),
             "max_adapters_per_pass": health["max_adapters_per_pass"],
             "adapter_loads": health["adapter_loads"], "outputs": outputs}

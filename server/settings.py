@@ -58,14 +58,20 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vLLM: fraction of accelerator memory to use."
     )
-    max_model_len: int | None = Field(None, ge=1, description="vLLM: maximum context length.")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Maximum context length, prompt plus output (default: the model's)."
+    )
     dtype: str = Field(
         "auto",
         description="Model dtype: auto, float32, bfloat16, float16 "
         "(auto: float32 on the local engine, the checkpoint's dtype on vLLM).",
     )
-    enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs.")
+    enforce_eager: bool = Field(False, description="Never capture CUDA graphs (vLLM and the local engine).")
     max_batch_size: int = Field(16, ge=1, description="Local engine: sequences decoded per step.")
+    kv_cache: Literal["auto", "dynamic", "static"] = Field(
+        "auto", description="Local engine: KV cache layout; static (preallocated, replayed from "
+        "CUDA graphs on a GPU) or dynamic (grown per step); auto = static on CUDA."
+    )
     device: str | None = Field(None, description="Local engine: torch device (default: cuda if available, else cpu).")
     default_max_tokens: int = Field(
         256, ge=1, description="Chat completion length when a request gives no max_tokens."

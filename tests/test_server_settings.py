@@ -4,6 +4,7 @@ and app creation being repeatable in one process (metrics registered once)."""
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from server import cli
@@ -51,6 +52,11 @@ def test_local_engine_gets_the_settings(tiny_base):
     engine = create_engine(Settings(engine="local", max_loras=3, max_lora_rank=32, max_batch_size=5), tiny_base)
     assert isinstance(engine, LocalEngine)
     assert engine.max_lora_rank == 32 and engine.max_loras == 3 and engine.max_batch_size == 5
+    engine = create_engine(Settings(engine="local", kv_cache="static", max_model_len=64,
+                                    enforce_eager=True), tiny_base)
+    assert (engine.kv_cache, engine._max_model_len_option, engine.enforce_eager) == ("static", 64, True)
+    with pytest.raises(ValidationError):
+        Settings(kv_cache="paged")
 
 
 def test_app_can_be_created_twice_in_one_process(tiny_base, skills_dir, tmp_path):

@@ -51,4 +51,7 @@ def create_engine(settings: "Settings", model_dir: Path | None = None) -> "Engin
         dtype="float32" if settings.dtype == "auto" else settings.dtype,
         device=settings.device,
         max_batch_size=settings.max_batch_size,
+        max_model_len=settings.max_model_len,
+        kv_cache=settings.kv_cache,
+        enforce_eager=settings.enforce_eager,
     )
