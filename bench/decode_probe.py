@@ -28,6 +28,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kernels package
 
+from bench.kernels import make_inputs as inputs  # noqa: E402
 from kernels import add_lora, build_meta, reference  # noqa: E402
 from kernels.triton_kernels import _delta, _load_b, _shrink_tile, _tile_rows  # noqa: E402
 
@@ -91,17 +92,6 @@ def make_probe(x, lora_a, lora_b, y, meta, block_n, num_ks, block_k, num_warps):
             BLOCK_N=block_n, DOT_UPCAST=upcast, num_warps=num_warps)
         return y
     return run
-
-
-def inputs(k, n, rank, tokens, adapters, dtype, device, seed=0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, device=device)  # noqa: E731
-    x = rnd(tokens, k).to(dtype)
-    lora_a = (rnd(adapters, rank, k) / k ** 0.5).to(dtype)
-    lora_b = (rnd(adapters, n, rank) / rank ** 0.5).to(dtype)
-    y = rnd(tokens, n).to(dtype)
-    slot_ids = (torch.arange(tokens, device=device) % adapters).to(torch.int32)
-    return y, x, lora_a, lora_b, slot_ids
 
 
 def check(config, shape, dtype, device) -> float:

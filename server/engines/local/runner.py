@@ -168,6 +168,10 @@ class ModelRunner:
         for seq in self.rows:
             if seq.is_done:
                 self._release(seq)
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep` (ascending) in the batch and its KV cache."""
         if not keep:
             self.rows, self.cache, self.mask = [], None, None
             return
@@ -219,13 +223,7 @@ class StaticModelRunner(ModelRunner):
         self.kv.append(_cache_layers(cache), mask, [s.num_prompt_tokens for s in seqs])
         self.rows = self.rows + list(seqs)
 
-    def _drop_done(self) -> None:
-        keep = [i for i, s in enumerate(self.rows) if not s.is_done]
-        if len(keep) == len(self.rows):
-            return
-        for seq in self.rows:
-            if seq.is_done:
-                self._release(seq)
+    def _keep_rows(self, keep: list[int]) -> None:
         self.kv.keep(keep)
         self.rows = [self.rows[i] for i in keep]
 
