@@ -155,3 +155,20 @@ def test_static_triton_metas_refill_in_place(tiny_base, handles, prompts, monkey
     assert set(metas) <= {1, 2} and metas  # one meta per row bucket used
     for slot_ids, meta, loaded in metas.values():
         assert meta.slot_ids is slot_ids and list(loaded) == slot_ids.tolist()
+
+
+def test_static_kv_bytes_matches_the_buffers(tiny_base, handles, prompts):
+    """The size the engine checks against free GPU memory is what StaticKV allocates."""
+    from server.engines.local.engine import static_kv_bytes
+
+    async def scenario(engine):
+        await collect(engine, "r", prompts[0], SamplingOptions(max_tokens=2, temperature=0.0))
+        kv = engine._runner.kv
+        model = engine._runner.model
+        return (sum(t.numel() * t.element_size() for t in kv.keys + kv.values),
+                static_kv_bytes(model.config, kv.max_rows, kv.max_len,
+                                next(model.parameters()).element_size()))
+
+    allocated, computed = run_engine(tiny_base, scenario, kv_cache="static", max_batch_size=3,
+                                     max_model_len=100)
+    assert allocated == computed > 0

@@ -132,6 +132,8 @@ class LocalEngine(Engine):
                 raise EngineError("kv_cache='static' needs max_model_len (or the model's "
                                   "max_position_embeddings) and sdpa or eager attention.")
             static = False
+        if static and self.device.type == "cuda":
+            static = self._static_fits(model)
         self.kv_cache = "static" if static else "dynamic"
         if not static:
             return ModelRunner(model, context, self._slots, pad_token_id=pad, device=self.device)
@@ -141,6 +143,22 @@ class LocalEngine(Engine):
         return StaticModelRunner(model, context, self._slots, pad_token_id=pad,
                                  device=self.device, max_rows=self.max_batch_size,
                                  max_len=self.max_model_len, use_graphs=self.cuda_graphs)
+
+    def _static_fits(self, model) -> bool:
+        """Whether the static KV buffers fit in half the free GPU memory; `auto` falls back to
+        the dynamic cache when they do not, `static` is refused with the numbers."""
+        needed = static_kv_bytes(model.config, self.max_batch_size, self.max_model_len,
+                                 next(model.parameters()).element_size())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if needed is None or needed <= free // 2:
+            return True
+        message = (f"The static KV cache needs {needed / 2**30:.1f} GiB for {self.max_batch_size} "
+                   f"rows of {self.max_model_len} tokens, over half of the {free / 2**30:.1f} GiB "
+                   "free; lower max_model_len or max_batch_size.")
+        if self.kv_cache == "static":
+            raise EngineError(message)
+        logger.warning("%s Using the dynamic KV cache (no CUDA graphs).", message)
+        return False
 
     async def shutdown(self) -> None:
         """Stop the scheduler, end outstanding requests with an error, free the model."""
@@ -297,6 +315,19 @@ class LocalEngine(Engine):
             "num_forward_passes": runner.num_forward_passes if runner else 0,
             "max_adapters_per_pass": runner.max_adapters_per_pass if runner else 0,
         }
+
+
+def static_kv_bytes(config, max_rows: int, max_len: int, element_size: int) -> int | None:
+    """Bytes of StaticKV's key and value buffers for a decoder config (None if the config
+    does not say its layer count, head count and head size)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // heads if heads and getattr(config, "hidden_size", None) else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * max_rows * max_len * kv_heads * head_dim * element_size
 
 
 def _bad_request(code: str, message: str, param: str) -> Exception:
