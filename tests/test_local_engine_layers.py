@@ -65,15 +65,17 @@ def test_triton_path_plans_once_per_batch_and_matches_torch(monkeypatch, engine_
         if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
             pytest.fail("triton is not installed but LORAMIX_REQUIRE_ALL=1")
         pytest.skip("triton is not installed")
-    layer = _layer()
+    # CPU tensors under the interpreter; on a GPU host the compiled kernels on CUDA tensors.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layer = _layer().to(device)
     gen = torch.Generator().manual_seed(2)
     delta = {}
     for slot, rank in ((0, 4), (2, 8)):
         lora_a, lora_b = torch.randn(rank, 16, generator=gen), torch.randn(12, rank, generator=gen)
-        layer.set_slot(slot, lora_a, lora_b, scaling=0.5)
-        delta[slot] = (0.5 * lora_b @ lora_a).T
-    x = torch.randn(3, 2, 16, generator=gen)
-    device, context = torch.device("cpu"), layer.context
+        layer.set_slot(slot, lora_a.to(device), lora_b.to(device), scaling=0.5)
+        delta[slot] = (0.5 * lora_b @ lora_a).T.to(device)
+    x = torch.randn(3, 2, 16, generator=gen).to(device)
+    context = layer.context
     with torch.inference_mode():
         base = layer.base(x)
         monkeypatch.setenv("LORAMIX_KERNELS", "torch")
