@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import merging
 
 from server import metrics
+from server.engines.base import EngineRequestError
 
 logger = logging.getLogger("loramix.errors")
 
@@ -81,6 +82,8 @@ def from_exception(exc: BaseException, param_prefix: str | None = None) -> Loram
     `param_prefix` places that param inside the request (e.g. "composition.options")."""
     if isinstance(exc, LoramixError):
         return exc
+    if isinstance(exc, EngineRequestError):
+        return LoramixError(400, exc.code, exc.message, param=exc.param)
     if isinstance(exc, merging.MergeError):
         param = getattr(exc, "param", None)
         if param and param_prefix:
@@ -134,6 +137,10 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def _loramix(request: Request, exc: LoramixError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return _respond(request, exc, headers)
+
+    @app.exception_handler(EngineRequestError)
+    async def _engine_request(request: Request, exc: EngineRequestError) -> JSONResponse:
+        return _respond(request, from_exception(exc))
 
     @app.exception_handler(merging.MergeError)
     async def _merge(request: Request, exc: merging.MergeError) -> JSONResponse:

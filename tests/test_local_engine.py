@@ -253,15 +253,17 @@ def test_rank_over_limit_is_rejected(tiny_base, handles, prompts):
 
 
 def test_client_errors_and_health(tiny_base, prompts):
-    from server.errors import LoramixError
+    from server.engines.base import EngineRequestError
+    from server.errors import from_exception
 
     async def scenario(engine):
         codes = []
         for prompt, sampling in (([], GREEDY), ([1] * 1024, GREEDY), ([10**6], GREEDY),
                                  (prompts[0], SamplingOptions(max_tokens=0))):
-            with pytest.raises(LoramixError) as caught:
+            with pytest.raises(EngineRequestError) as caught:
                 await collect(engine, "bad", prompt, sampling)
-            codes.append((caught.value.status, caught.value.code, caught.value.param))
+            error = from_exception(caught.value)
+            codes.append((error.status, error.code, error.param))
         return codes, engine.health()
 
     codes, health = run_engine(tiny_base, scenario)

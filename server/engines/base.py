@@ -63,6 +63,21 @@ class EngineError(RuntimeError):
     """An engine failed to do what was asked (not a client error)."""
 
 
+class EngineRequestError(EngineError):
+    """The engine refuses the request as asked (a client error, HTTP 400).
+
+    code: an OpenAI-style string code (`invalid_request_error`, `context_length_exceeded`...).
+    param: the request field at fault, if one is.
+    The message must be safe to show a client (no paths, no internals).
+    """
+
+    def __init__(self, message: str, *, code: str = "invalid_request_error", param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+
 class Engine(abc.ABC):
     """Inference engine with per-request LoRA adapters.
 

@@ -17,8 +17,8 @@ import torch
 
 from kernels import backend_for
 
-from server.engines.base import (AdapterHandle, Engine, EngineError, GenerationDelta,
-                                 SamplingOptions)
+from server.engines.base import (AdapterHandle, Engine, EngineError, EngineRequestError,
+                                 GenerationDelta, SamplingOptions)
 from server.engines.local.lora_layers import (DEFAULT_TARGET_MODULES, LoraBatchContext,
                                               install_lora_layers)
 from server.engines.local.runner import ModelRunner, StaticModelRunner
@@ -331,12 +331,8 @@ def static_kv_bytes(config, max_rows: int, max_len: int, element_size: int) -> i
 
 
 def _bad_request(code: str, message: str, param: str) -> Exception:
-    """A 400 error in the server's envelope."""
-    # Imported here: server.errors pulls in FastAPI, and the engine must import without the
-    # HTTP stack (GPU hosts that run it for kernels and benchmarks have none).
-    from server.errors import LoramixError
-
-    return LoramixError(400, code, message, param=param)
+    """A client error; the HTTP layer maps it to a 400 envelope."""
+    return EngineRequestError(message, code=code, param=param)
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

@@ -13,7 +13,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
-from server.engines.base import AdapterHandle, Engine, EngineError, GenerationDelta, SamplingOptions
+from server.engines.base import (
+    AdapterHandle,
+    Engine,
+    EngineError,
+    EngineRequestError,
+    GenerationDelta,
+    SamplingOptions,
+)
+from server.engines.vllm import compat
 from server.engines.vllm.options import VllmOptions, engine_args_kwargs
 
 if TYPE_CHECKING:
@@ -154,7 +162,6 @@ class VllmEngine(Engine):
     ) -> AsyncIterator[GenerationDelta]:
         """Stream the generation for `prompt_token_ids` as deltas (vLLM's DELTA output kind:
         each step carries only the new tokens and text; stop strings are held back and cut)."""
-        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         llm = self._require_llm()
@@ -181,8 +188,12 @@ class VllmEngine(Engine):
                         num_prompt_tokens=len(prompt_token_ids),
                         num_output_tokens=num_output_tokens,
                     )
-        except VLLMClientError as exc:  # vLLM rejected the request (bad token id, value...)
-            raise _bad_request("invalid_request_error", str(exc), None) from exc
+        except Exception as exc:
+            if not compat.is_client_error(exc):
+                raise
+            # vLLM rejected the request (bad token id, value...): its validation messages
+            # name the request's values, not server internals.
+            raise EngineRequestError(str(exc), param=compat.client_error_param(exc)) from exc
         finally:
             self._num_streams -= 1
 
@@ -198,12 +209,19 @@ class VllmEngine(Engine):
             "engine": self.name,
             "running": self._llm is not None and not self._llm.errored,
             "num_adapters": len(self._adapters),
-            "num_running": self._llm.get_num_unfinished_requests() if self._llm is not None else 0,
+            "num_running": self._num_running(),
             "num_streams": self._num_streams,
             "max_loras": self.options.max_loras,
             "max_lora_rank": self.options.max_lora_rank,
             "max_model_len": self.max_model_len,
         }
+
+
+    def _num_running(self) -> int:
+        if self._llm is None:
+            return 0
+        count = compat.num_unfinished_requests(self._llm)
+        return self._num_streams if count is None else count
 
 
 def _lora_request(handle: AdapterHandle) -> LoRARequest:
@@ -231,11 +249,8 @@ def _sampling_params(sampling: SamplingOptions) -> SamplingParams:
 
 
 def _bad_request(code: str, message: str, param: str | None) -> Exception:
-    """A 400 error in the server's envelope."""
-    # Imported here: server.errors pulls in FastAPI; the engine must import without it.
-    from server.errors import LoramixError
-
-    return LoramixError(400, code, message, param=param)
+    """A client error; the HTTP layer maps it to a 400 envelope."""
+    return EngineRequestError(message, code=code, param=param)
 
 
 def _check_request(prompt_token_ids: list[int], sampling: SamplingOptions, max_model_len: int | None) -> None:
