@@ -148,7 +148,9 @@ def warm_up(server: Server, models: list[str]) -> None:
                 raise SystemExit(f"warm-up request for {model!r} failed: {response.text}")
 
 
-def run_load(server: Server, base: Path, models: list[str] | None, load: Load, result: Path) -> dict:
+def run_load(
+    server: Server, base: Path, models: list[str] | None, load: Load, result: Path, base_name: str = BASE_NAME
+) -> dict:
     """`vllm bench serve` against `server`; the requests name `models` round-robin (or the
     base model when None). Returns vLLM's result JSON.
 
@@ -160,12 +162,12 @@ def run_load(server: Server, base: Path, models: list[str] | None, load: Load, r
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     cli = [
-        "--backend", "openai", "--base-url", server.url, "--model", BASE_NAME,
+        "--backend", "openai", "--base-url", server.url, "--model", base_name,
         "--tokenizer", str(base), "--dataset-name", "random",
         "--random-input-len", str(load.input_len), "--random-output-len", str(load.output_len),
         "--num-prompts", str(load.num_prompts), "--max-concurrency", str(load.max_concurrency),
         "--ignore-eos", "--seed", "0", "--disable-tqdm", "--percentile-metrics", "ttft,itl",
-        "--metric-percentiles", "99", "--save-result", "--result-dir", str(result.parent),
+        "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(result.parent),
         "--result-filename", result.name,
     ]
     if models:
