@@ -338,6 +338,20 @@ class Prometheus:
             stdout=self._log, stderr=subprocess.STDOUT,
         )
 
+    def wait_ready(self, limit_s: float = 60) -> None:
+        """Until /-/ready answers 200 (before that the API answers 503 in plain text)."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("prometheus exited early")
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"prometheus not ready within {limit_s}s")
+
     def get(self, path: str, **params) -> dict:
         reply = httpx.get(self.url + path, params=params, timeout=10).json()
         assert reply["status"] == "success", reply
@@ -384,6 +398,7 @@ def scraped(tiny_base, skills_dir, tmp_path_factory):
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     prometheus = Prometheus(binary, root / "prometheus.yml", root / "data", root / "prometheus.log")
     try:
+        prometheus.wait_ready()
         prometheus.wait_for('up{job="loramix"} == 1')
         models = ["tiny", "math", "math+code", "math+code"]
         for model in models:
