@@ -11,8 +11,9 @@ Phases (each resumable in the same --work dir, so a GPU session can split them a
 - loramix: `loramix serve --engine vllm` with the same engine settings: base model, `a` as a
   one-skill composition, cached `a+b` (cat) and `a+b@lego`, and 8 different compositions in
   flight; then the first request of never-seen compositions (merge + register + first
-  token, sequential), and greedy-token agreement of compositions served by loramix-on-vLLM
-  with transformers + peft on the merged adapter (same dtype).
+  token, sequential).
+- agreement: greedy tokens of compositions through loramix's vLLM engine and its local engine
+  against transformers + peft on the same merged adapter, same dtype (fp32 on tiny, bf16 on 1b).
 Every load is `vllm bench serve` (random prompts, fixed lengths, `--ignore-eos`) at
 concurrency 1, 16 and 64 with the same prompts (same seed). Results: one JSON (`--out`).
 """
@@ -220,54 +221,91 @@ def first_request_latency(server: Server, num: int) -> dict:
     }
 
 
-def greedy_agreement(server: Server, work: Path, args) -> dict:
-    """Greedy tokens through loramix-on-vLLM against transformers + peft on the same merged
-    adapter (merged here with the same method), same dtype: first-token and whole-sequence
-    agreement over random token prompts."""
+async def _engine_tokens(engine, handles: dict, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Greedy token ids from a loramix engine for each (composition, prompt), all in flight
+    together (the batch mixes compositions, as in serving)."""
+    import asyncio
+
+    from server.engines.base import SamplingOptions
+
+    greedy = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(name, i, prompt):
+        tokens = []
+        async for delta in engine.generate(f"{name}-{i}", prompt, greedy, handles[name]):
+            tokens += delta.token_ids
+        return name, i, tokens
+
+    await engine.start()
+    for handle in handles.values():
+        await engine.add_adapter(handle)
+    done = await asyncio.gather(*(one(n, i, p) for n in handles for i, p in enumerate(prompts)))
+    await engine.shutdown()
+    out = {name: [None] * len(prompts) for name in handles}
+    for name, i, tokens in done:
+        out[name][i] = tokens
+    return out
+
+
+def phase_agreement(args, work: Path) -> dict:
+    """Greedy tokens of compositions through loramix's vLLM engine and its local engine
+    against transformers + peft on the same merged adapter, same dtype: first-token and
+    whole-sequence agreement over random token prompts (mixed-composition batches)."""
+    import asyncio
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import merging
+    from server.engines.base import AdapterHandle
+    from server.engines.local import LocalEngine
+    from server.engines.vllm import VllmEngine
 
-    dtype = torch.float32 if _dtype(args) == "float32" else torch.bfloat16
+    dtype = _dtype(args)
+    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
     vocab = json.loads((work / "base" / "config.json").read_text())["vocab_size"]
     prompts = [torch.randint(10, vocab, (24,), generator=gen).tolist() for _ in range(args.num_check_prompts)]
-    out = {}
-    for name, skills, method in (("a", ["a"], "cat"), ("a+b", ["a", "b"], "cat"), ("a+b@lego", ["a", "b"], "lego")):
+    handles = {}
+    for adapter_id, (name, skills, method) in enumerate(
+        (("a", ["a"], "cat"), ("a+b", ["a", "b"], "cat"), ("a+b@lego", ["a", "b"], "lego")), start=1
+    ):
         merged_dir = work / "merged" / name.replace("+", "_").replace("@", "_")
         adapters = [merging.load_adapter(work / "skills" / s) for s in skills]
-        merging.merge(adapters, [1 / len(skills)] * len(skills), method=method).adapter.save(merged_dir)
-        served = []
-        with httpx.Client(base_url=server.url, timeout=600) as http:
-            for prompt in prompts:
-                body = {"model": name, "prompt": prompt, "max_tokens": args.check_tokens, "temperature": 0}
-                response = http.post("/v1/completions", json=body)
-                response.raise_for_status()
-                served.append(response.json()["choices"][0]["text"])
-        model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=dtype).to(device)
-        model = PeftModel.from_pretrained(model, merged_dir).to(device).eval()
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(work / "base")
-        reference = []
+        merged = merging.merge(adapters, [1 / len(skills)] * len(skills), method=method).adapter
+        merged.save(merged_dir)
+        handles[name] = AdapterHandle(adapter_id=adapter_id, name=name, path=merged_dir, rank=merged.max_rank)
+    reference = {}
+    for name, handle in handles.items():
+        model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch_dtype).to(device)
+        model = PeftModel.from_pretrained(model, handle.path).to(device).eval()
         with torch.no_grad():
-            for prompt in prompts:
-                ids = model.generate(torch.tensor([prompt], device=device), max_new_tokens=args.check_tokens,
-                                     do_sample=False, top_p=None, top_k=None)[0, len(prompt):].tolist()
-                reference.append(ids)
+            reference[name] = [
+                model.generate(torch.tensor([p], device=device), max_new_tokens=args.check_tokens, do_sample=False,
+                               top_p=None, top_k=None, min_new_tokens=args.check_tokens)[0, len(p):].tolist()
+                for p in prompts
+            ]
         del model
-        ref_text = [tokenizer.decode(ids, skip_special_tokens=True) for ids in reference]
-        first = [tokenizer.decode(ids[:1], skip_special_tokens=True) for ids in reference]
-        out[name] = {
-            "num_prompts": len(prompts),
-            "first_token_agreement": sum(s.startswith(f) for s, f in zip(served, first)) / len(prompts),
-            "sequence_agreement": sum(s == r for s, r in zip(served, ref_text)) / len(prompts),
+    engines = {
+        "vllm": lambda: VllmEngine(work / "base", max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype=dtype,
+                                   enforce_eager=True, gpu_memory_utilization=0.5,
+                                   max_model_len=args.max_model_len),
+        "local": lambda: LocalEngine(work / "base", max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype=dtype),
+    }
+    result = {"dtype": dtype, "tokens": args.check_tokens, "num_prompts": len(prompts), "engines": {}}
+    for label, make in engines.items():
+        served = asyncio.run(_engine_tokens(make(), handles, prompts, args.check_tokens))
+        result["engines"][label] = {
+            name: {
+                "first_token_agreement": sum(s[:1] == r[:1] for s, r in zip(served[name], reference[name])) / len(prompts),
+                "sequence_agreement": sum(s == r for s, r in zip(served[name], reference[name])) / len(prompts),
+            }
+            for name in handles
         }
-        print(f"agreement {name}: {out[name]}", file=sys.stderr, flush=True)
-    return {"dtype": _dtype(args), "tokens": args.check_tokens, "compositions": out}
+        print(f"agreement with peft, {label} engine: {result['engines'][label]}", file=sys.stderr, flush=True)
+    return result
 
 
 def phase_loramix(args, work: Path) -> dict:
@@ -278,19 +316,9 @@ def phase_loramix(args, work: Path) -> dict:
     try:
         warm_up(server, [BASE_NAME, "a", *EIGHT])
         result["rows"] = [asdict(r) for r in bench_cases(server, "loramix", CASES, args, work)]
-        steps = [("new_composition", lambda: first_request_latency(server, args.num_new))]
-        if args.num_check_prompts:
-            steps.append(("agreement", lambda: greedy_agreement(server, work, args)))
-        for key, step in steps:  # one failing step keeps the others' numbers
-            try:
-                result[key] = step()
-            except Exception as exc:  # noqa: BLE001 - recorded in the results, then re-raised at the end
-                result[key] = {"error": repr(exc)}
-                print(f"{key} failed: {exc!r}", file=sys.stderr, flush=True)
-        first = result["new_composition"]
-        if "ttft_p50_ms" in first:
-            print(f"first request of a new composition: {first['ttft_p50_ms']:.1f} / "
-                  f"{first['ttft_p99_ms']:.1f} ms (p50/p99)", file=sys.stderr)
+        first = result["new_composition"] = first_request_latency(server, args.num_new)
+        print(f"first request of a new composition: {first['ttft_p50_ms']:.1f} / "
+              f"{first['ttft_p99_ms']:.1f} ms (p50/p99)", file=sys.stderr)
     finally:
         server.stop()
     return result
@@ -315,7 +343,7 @@ def hardware() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["build", "vllm", "loramix", "all"], default="all")
+    parser.add_argument("--phase", choices=["build", "vllm", "loramix", "agreement", "all"], default="all")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--work", type=Path, required=True, help="model, skills, logs, partial results")
     parser.add_argument("--out", type=Path, help="the results JSON (merged with what is there)")
@@ -338,15 +366,17 @@ def main() -> None:
         shape=args.shape, dtype=_dtype(args), rank=RANK, max_lora_rank=MAX_LORA_RANK, max_loras=MAX_LORAS,
         input_len=args.input_len, output_len=args.output_len, hardware=hardware(),
     )
-    phases = ["build", "vllm", "loramix"] if args.phase == "all" else [args.phase]
+    phases = ["build", "vllm", "loramix", "agreement"] if args.phase == "all" else [args.phase]
     for phase in phases:
         print(f"== {phase}", file=sys.stderr, flush=True)
         if phase == "build":
             build(args.work, args.shape)
         elif phase == "vllm":
             results["vllm_server"] = phase_vllm(args, args.work)
-        else:
+        elif phase == "loramix":
             results["loramix"] = phase_loramix(args, args.work)
+        else:
+            results["agreement"] = phase_agreement(args, args.work)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")
