@@ -238,7 +238,8 @@ async def _engine_tokens(engine, handles: dict, prompts: list[list[int]], max_to
 
     await engine.start()
     for handle in handles.values():
-        await engine.add_adapter(handle)
+        if handle is not None:
+            await engine.add_adapter(handle)
     done = await asyncio.gather(*(one(n, i, p) for n in handles for i, p in enumerate(prompts)))
     await engine.shutdown()
     out = {name: [None] * len(prompts) for name in handles}
@@ -277,10 +278,13 @@ def phase_agreement(args, work: Path) -> dict:
         merged = merging.merge(adapters, [1 / len(skills)] * len(skills), method=method).adapter
         merged.save(merged_dir)
         handles[name] = AdapterHandle(adapter_id=adapter_id, name=name, path=merged_dir, rank=merged.max_rank)
+    handles["base (no adapter)"] = None  # the engines' own dtype noise, without LoRA
     reference = {}
     for name, handle in handles.items():
         model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch_dtype).to(device)
-        model = PeftModel.from_pretrained(model, handle.path).to(device).eval()
+        if handle is not None:
+            model = PeftModel.from_pretrained(model, handle.path)
+        model = model.to(device).eval()
         with torch.no_grad():
             reference[name] = [
                 model.generate(torch.tensor([p], device=device), max_new_tokens=args.check_tokens, do_sample=False,

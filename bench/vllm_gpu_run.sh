@@ -25,7 +25,9 @@ case "$step" in
       timeout 560 python3 -m bench.vllm_gpu --phase "$phase" --work "$WORK" --out "$RESULT" \
         --gpu-memory-utilization 0.8 2>&1 | grep -v " INFO \|^INFO" | tail -60
     done
-    cp "$RESULT" "$OUTDIR/" 2>/dev/null
-    for f in "$WORK"/*.log; do tail -c 20000 "$f" > "$OUTDIR/$(basename "$f")"; done
+    cp "$RESULT" "$OUTDIR/" 2>/dev/null  # at most 8 files come back: the results, then server logs
+    for f in "$WORK"/loramix.log "$WORK"/vllm-server.log; do
+      [ -f "$f" ] && tail -c 20000 "$f" > "$OUTDIR/$(basename "$f")"
+    done
     ;;
 esac

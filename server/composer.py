@@ -32,7 +32,7 @@ logger = logging.getLogger("loramix.composer")
 
 def adapter_id_for(key: str) -> int:
     """A stable positive int id (vLLM's lora_int_id) from the first 7 bytes of the key."""
-    return int(key[:14], 16) or 1
+    return (int(key[:8], 16) & 0x7FFFFFFF) or 1
 
 
 @dataclass(frozen=True)
