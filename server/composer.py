@@ -120,9 +120,7 @@ class Composer:
                 f"Method '{spec.method}' has no target rank; use svd or lego for a rank.", param
             )
         max_rank = self.engine.max_lora_rank
-        if spec.rank > max_rank:
-            if self.strict_rank:
-                raise rank_limit_exceeded(spec.rank, max_rank, param)
+        if spec.rank > max_rank:  # in any rank mode: an asked-for rank is not compressed
             raise LoramixError(
                 400, "rank_limit_exceeded",
                 f"The requested rank {spec.rank} exceeds the engine's maximum LoRA rank {max_rank}.",
