@@ -13,6 +13,7 @@ from merging.errors import (
     IncompatibleAdaptersError,
     InvalidMergeOptions,
     MergeError,
+    MergeFailedError,
     NonFiniteResultError,
 )
 from merging.learned_cat import TuneResult, tune_cat
@@ -28,6 +29,7 @@ __all__ = [
     "MERGE_ALGORITHM_VERSION",
     "METHODS",
     "MergeError",
+    "MergeFailedError",
     "MergeResult",
     "MethodSpec",
     "NonFiniteResultError",

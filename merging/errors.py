@@ -24,5 +24,10 @@ class InvalidMergeOptions(MergeError):
     """Unknown method or option, or an option value out of range."""
 
 
-class NonFiniteResultError(MergeError):
+class MergeFailedError(MergeError):
+    """A merge could not produce a usable adapter: non-finite values, a linear-algebra
+    routine that did not converge, or an all-zero result from non-zero inputs."""
+
+
+class NonFiniteResultError(MergeFailedError):
     """A merge produced NaN or infinite values."""

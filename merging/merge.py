@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from merging.adapter import LoraAdapter, LoraModule
-from merging.errors import IncompatibleAdaptersError, InvalidMergeOptions, NonFiniteResultError
+from merging.errors import IncompatibleAdaptersError, InvalidMergeOptions, MergeFailedError, NonFiniteResultError
 from merging.factors import all_finite, difference_sq, frobenius_sq, stack_factors, truncated_svd
 from merging.methods.common import ModuleInputs
 from merging.methods.svd import merge_svd
@@ -154,14 +154,15 @@ def merge(
 
     modules: dict[str, LoraModule] = {}
     sums = {"exact": 0.0, "error": 0.0, "target": 0.0, "residual": 0.0}
+    is_input_nonzero = is_output_nonzero = False
     for module in sorted({m for a in adapters for m in a.modules}):
         inputs = _module_inputs(module, adapters, per_module.get(module, weights), compute_dtype)
         if not inputs.lora_as:
             continue  # every weight of this module is zero: ΔW = 0, nothing to store
         extra = {"generator": _generator(opts["seed"], module)} if spec.uses_seed else {}
-        out = fn(inputs, target_rank, **opts, **extra)
-        if not (all_finite(out.lora_a) and all_finite(out.lora_b)):
-            raise NonFiniteResultError(f"{method} produced non-finite values in module {module!r}")
+        out = _run_method(fn, method, inputs, target_rank, {**opts, **extra})
+        is_input_nonzero = is_input_nonzero or _is_nonzero(inputs.lora_bs, inputs.lora_as)
+        is_output_nonzero = is_output_nonzero or _is_nonzero([out.lora_b], [out.lora_a])
         if not spec.exact:  # exact methods have error 0 by construction
             exact_b, exact_a = stack_factors(inputs.lora_bs, inputs.lora_as, inputs.coefs)
             sums["exact"] += frobenius_sq(exact_b, exact_a)
@@ -173,6 +174,10 @@ def merge(
         if progress:
             progress(module)
 
+    if is_input_nonzero and not is_output_nonzero:
+        raise MergeFailedError(
+            f"{method} produced an all-zero adapter from non-zero inputs (the weights are outside "
+            "the range the factors' float precision can represent)")
     dtypes = {a.dtype for a in adapters}
     merged = LoraAdapter(modules, adapters[0].base_model, dtypes.pop() if len(dtypes) == 1 else torch.float32)
     info = {
@@ -189,6 +194,25 @@ def merge(
     if sums["target"] > 0:
         info["compression_error"] = _ratio(sums["residual"], sums["target"])
     return MergeResult(merged, info)
+
+
+def _run_method(fn: Callable, method: str, inputs: ModuleInputs, rank: int | None, opts: dict):
+    """One module through a method; raises MergeFailedError when the result is unusable."""
+    try:
+        out = fn(inputs, rank, **opts)
+    except torch.linalg.LinAlgError:
+        raise MergeFailedError(
+            f"{method} failed in module {inputs.name!r}: a matrix decomposition did not converge "
+            "(the weighted factors are too large or not finite)") from None
+    if not (all_finite(out.lora_a) and all_finite(out.lora_b)):
+        raise NonFiniteResultError(f"{method} produced non-finite values in module {inputs.name!r}")
+    return out
+
+
+def _is_nonzero(lora_bs: Sequence[torch.Tensor], lora_as: Sequence[torch.Tensor]) -> bool:
+    """Whether some pair of factors has non-zero entries on both sides (a non-zero update,
+    barring exact cancellation)."""
+    return any(bool(b.any()) and bool(a.any()) for b, a in zip(lora_bs, lora_as))
 
 
 def _ratio(error_sq: float, total_sq: float) -> float:
@@ -209,7 +233,13 @@ def compress(adapter: LoraAdapter, rank: int) -> MergeResult:
         lora_a = lora.lora_a.float()
         total_sq += frobenius_sq(lora_b, lora_a)
         if lora.rank > rank:
-            new_b, new_a, singular = truncated_svd(lora_b, lora_a, rank)
+            try:
+                new_b, new_a, singular = truncated_svd(lora_b, lora_a, rank)
+            except torch.linalg.LinAlgError:
+                raise MergeFailedError(
+                    f"compressing module {name!r} failed: the SVD did not converge") from None
+            if not (all_finite(new_b) and all_finite(new_a)):
+                raise NonFiniteResultError(f"compressing module {name!r} produced non-finite values")
             error_sq += float(singular[rank:].double().pow(2).sum())
             lora_b, lora_a = new_b, new_a
         modules[name] = LoraModule(lora_a.contiguous(), lora_b.contiguous(), 1.0)

@@ -68,7 +68,7 @@ class MethodSpec:
 
 _DENSITY = OptionSpec(float, 0.5, "fraction of ΔW entries kept", minimum=0.0, maximum=1.0, exclusive_minimum=True)
 _SIGN = OptionSpec(str, "total", "sign election: sum of values or count of signs", choices=("total", "frequency"))
-_SEED = OptionSpec(int, 0, "random seed (deterministic results for a seed)", minimum=0)
+_SEED = OptionSpec(int, 0, "random seed (deterministic results for a seed)", minimum=0, maximum=2**32 - 1)
 
 METHODS: dict[str, MethodSpec] = {
     "cat": MethodSpec("cat", merge_cat, "exact weighted sum by concatenation; rank Σ r_i", False, True),

@@ -101,20 +101,36 @@ class Composer:
 
     def check_skills(self, spec: CompositionSpec, skills_param: str = "model", rank_param: str = "model") -> None:
         """Every skill of `spec` exists (404 model_not_found otherwise); its rank is allowed."""
+        skills = []
         for name in spec.skill_names:
             if name not in self.registry and name not in self.registry.problems:
                 raise LoramixError(
                     404, "model_not_found",
                     f"The skill '{name}' does not exist.", param=skills_param,
                 )
-            self.registry.get(name, skills_param)
+            skills.append(self.registry.get(name, skills_param))
         if spec.rank is not None:
-            if not merging.get_method(spec.method).takes_rank:
-                raise invalid_composition(
-                    f"Method '{spec.method}' has no target rank; use svd or lego for a rank.", rank_param
-                )
-            if self.strict_rank and spec.rank > self.engine.max_lora_rank:
-                raise rank_limit_exceeded(spec.rank, self.engine.max_lora_rank, rank_param)
+            self._check_target_rank(spec, sum(skill.rank for skill in skills), rank_param)
+
+    def _check_target_rank(self, spec: CompositionSpec, input_rank: int, param: str) -> None:
+        """A requested rank must be one the method takes, the engine serves and the inputs
+        have: above the skills' total rank a merge only spends memory and time."""
+        if not merging.get_method(spec.method).takes_rank:
+            raise invalid_composition(
+                f"Method '{spec.method}' has no target rank; use svd or lego for a rank.", param
+            )
+        max_rank = self.engine.max_lora_rank
+        if spec.rank > max_rank:  # in any rank mode: an asked-for rank is not compressed
+            raise LoramixError(
+                400, "rank_limit_exceeded",
+                f"The requested rank {spec.rank} exceeds the engine's maximum LoRA rank {max_rank}.",
+                param=param,
+            )
+        if spec.rank > input_rank:
+            raise invalid_composition(
+                f"The requested rank {spec.rank} exceeds the skills' total rank {input_rank}; "
+                "a merge has no more rank than its inputs.", param
+            )
 
     def key(self, spec: CompositionSpec) -> str:
         digests = {name: self.registry.get(name).digest for name in spec.skill_names}

@@ -36,6 +36,9 @@ _NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
 _METHOD_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _OPTION_RE = re.compile(r"^(?P<key>[a-z][a-z0-9_]*)=(?P<value>[A-Za-z0-9._+-]+)$")
 _OPERATORS = ("+", "*", "@")
+# Skills are trained to act at weight 1; far beyond that a composition only overflows (merged
+# factors, then activations: NaN logits). Weights must satisfy 0 < |w| <= MAX_ABS_WEIGHT.
+MAX_ABS_WEIGHT = 100.0
 
 
 def is_valid_name(name: str) -> bool:
@@ -205,6 +208,11 @@ def canonical_spec(
             raise invalid_composition(f"'{name}' is not a valid skill name.", f"{param_prefix}.skills.{index}.name")
     if len(set(names)) != len(names):
         raise invalid_composition("A skill appears more than once.", f"{param_prefix}.skills")
+    for index, skill in enumerate(request.skills):
+        if not abs(skill.weight) <= MAX_ABS_WEIGHT:
+            raise invalid_composition(
+                f"The weight {skill.weight!r} of skill '{skill.name}' is out of range: "
+                f"|weight| must be at most {MAX_ABS_WEIGHT:g}.", f"{param_prefix}.skills.{index}.weight")
     method = request.method or default_method
     options = dict(request.options)
     rank = request.rank
@@ -240,6 +248,9 @@ def _canonical_module_weights(
                 f"module_weights['{module}'] has {len(row)} weights for {len(names)} skills.", param)
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in row):
             raise invalid_composition(f"module_weights['{module}'] must hold finite numbers.", param)
+        if any(abs(w) > MAX_ABS_WEIGHT for w in row):
+            raise invalid_composition(
+                f"module_weights['{module}'] must hold weights with |weight| <= {MAX_ABS_WEIGHT:g}.", param)
         rows.append((module, tuple(float(row[i]) for i in order)))
     return tuple(rows)
 

@@ -100,7 +100,7 @@ class SamplingFields(LenientModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="A signed 64-bit integer, as in vLLM.")
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
     composition: CompositionRequest | None = None

@@ -78,6 +78,14 @@ class EngineRequestError(EngineError):
         self.param = param
 
 
+class NonFiniteOutputError(EngineRequestError):
+    """One sequence's logits became NaN or infinite (typically a composition whose weights
+    are too large). That sequence fails; the others in its batch are unaffected."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="non_finite_output", param="model")
+
+
 class Engine(abc.ABC):
     """Inference engine with per-request LoRA adapters.
 

@@ -139,11 +139,27 @@ class ModelRunner:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         # logits: [len(seqs), vocab] float32 on CPU
         greedy = logits.argmax(dim=-1).tolist()
+        is_finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i, seq in enumerate(seqs):
-            if seq.is_aborted:
+            if seq.is_done:
                 continue
-            token = greedy[i] if seq.sampler.is_greedy else seq.sampler.sample(logits[i])
-            seq.append_token(token)
+            try:
+                if seq.sampler.is_greedy and is_finite[i]:
+                    token = greedy[i]
+                else:  # the sampler raises on non-finite logits
+                    token = seq.sampler.sample(logits[i])
+                seq.append_token(token)
+            except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
+                self._fail_one(seq, exc)
+
+    def _fail_one(self, seq: Sequence, exc: Exception) -> None:
+        """End one sequence with an error; the batch goes on (rows are independent, so a
+        NaN in one row's logits or KV never reaches another row). The next step drops it."""
+        if not isinstance(exc, EngineError):
+            logger.exception("sampling failed for request %s", seq.request_id, exc_info=exc)
+            exc = EngineError(f"The local engine failed on this request: {type(exc).__name__}.")
+        seq.is_finished = True
+        seq.emit(exc)
 
     def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append freshly prefilled rows to the running batch (left-padding the shorter side)."""

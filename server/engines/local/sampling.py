@@ -6,38 +6,58 @@ import secrets
 
 import torch
 
-from server.engines.base import SamplingOptions
+from server.engines.base import NonFiniteOutputError, SamplingOptions
 
 # Prompt tokens decoded in front of the output so tokenizers that look at the previous token
 # (leading-space rules) produce the same text as a full decode would.
 _PREFIX_TOKENS = 5
 
+# Temperatures below this are greedy, as in vLLM: dividing logits by a tiny temperature
+# overflows to inf and the softmax becomes NaN.
+MIN_TEMPERATURE = 1e-5
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise NonFiniteOutputError if a row of logits [vocab] has NaN or inf entries."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutputError(
+            "The model's output for this request is not finite (NaN or infinite logits); "
+            "the composition's weights are likely too large.")
+
 
 class TokenSampler:
-    """Chooses the next token from one row of logits: greedy at temperature 0, otherwise
-    temperature + top-p (nucleus) sampling with the request's own torch.Generator, so a
-    seeded request draws the same tokens whatever else shares its batch."""
+    """Chooses the next token from one row of logits: greedy at temperature 0 (or below
+    MIN_TEMPERATURE), otherwise temperature + top-p (nucleus) sampling with the request's own
+    torch.Generator, so a seeded request draws the same tokens whatever else shares its batch."""
 
     def __init__(self, sampling: SamplingOptions) -> None:
         self.temperature = sampling.temperature
         self.top_p = sampling.top_p
         self.generator = None
-        if self.temperature > 0:
+        if self.temperature >= MIN_TEMPERATURE:
             seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-            self.generator = torch.Generator().manual_seed(seed)
+            # Modulo 2**64: torch takes seeds as uint64 (n > 1 choices use seed + j).
+            self.generator = torch.Generator().manual_seed(seed % (1 << 64))
 
     @property
     def is_greedy(self) -> bool:
         return self.generator is None
 
     def sample(self, logits: torch.Tensor) -> int:
-        """logits: [vocab] float32 on the CPU -> a token id."""
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        """logits: [vocab] float32 on the CPU -> a token id. Raises NonFiniteOutputError."""
+        check_finite(logits)
+        if self.is_greedy:
+            return int(logits.argmax())
+        # float64: finite logits over a temperature >= MIN_TEMPERATURE stay finite.
+        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always the top token).
+            # Keep the smallest prefix whose mass reaches top_p, and always the top token (a
+            # top_p that underflows to 0 is top-1, not an empty distribution).
             mass_before = torch.cumsum(sorted_probs, 0) - sorted_probs
-            sorted_probs[mass_before >= self.top_p] = 0.0
+            drop = mass_before >= self.top_p
+            drop[0] = False
+            sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 

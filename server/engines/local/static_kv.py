@@ -48,6 +48,9 @@ class StaticKV:
         rows = slice(self.num_rows, self.num_rows + num_new)
         first = self.length - width
         for store, new in zip(self.keys + self.values, [k for k, _ in layers] + [v for _, v in layers]):
+            # Zero the padding left by the row's previous occupant: a masked column still
+            # multiplies its value by 0, and 0 * NaN (from a failed row) is NaN.
+            store[rows, :, :first] = 0
             store[rows, :, first:self.length] = new
         self.mask[rows] = False
         self.mask[rows, first:self.length] = mask.bool()
