@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from server import openapi
 from server.cache import CompositionCache
 from server.composer import Composer
 from server.engines import create_engine
@@ -76,8 +77,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             await state.engine.shutdown()
 
-    app = FastAPI(title="loramix", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="loramix", version="0.1.0", lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)  # openapi.install serves them
     app.state.settings = settings
+    openapi.install(app, settings)
     register_exception_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)
     app.include_router(openai_api.router)

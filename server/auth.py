@@ -9,11 +9,16 @@ from fastapi import Request
 from server.errors import LoramixError
 
 
-async def require_api_key(request: Request) -> None:
-    """FastAPI dependency: 401 invalid_api_key unless the bearer token matches."""
+def is_authorized(request: Request) -> bool:
+    """Whether the request may see everything: no key is configured, or its bearer token matches."""
     expected = request.app.state.settings.api_key
     if not expected:
-        return
+        return True
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), expected.encode())
+
+
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency: 401 invalid_api_key unless the bearer token matches."""
+    if not is_authorized(request):
         raise LoramixError(401, "invalid_api_key", "Incorrect or missing API key.", type="authentication_error")

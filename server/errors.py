@@ -14,6 +14,7 @@ import merging
 
 from server import metrics
 from server.engines.base import EngineRequestError
+from server.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("loramix.errors")
 
@@ -38,7 +39,8 @@ class LoramixError(Exception):
 
     def envelope(self) -> dict:
         """The OpenAI error body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
 
 def _default_type(status: int) -> str:
@@ -130,8 +132,38 @@ def _respond(request: Request, err: LoramixError, headers: dict[str, str] | None
     return error_response(err, headers)
 
 
+class UnhandledErrorMiddleware:
+    """Answers an exception no handler took with the 500 envelope.
+
+    Starlette's own catch-all (ServerErrorMiddleware) re-raises after answering, and the ASGI
+    server then closes the connection; caught here, the 500 is an ordinary response and the
+    connection stays open for the next request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking_start)
+        except Exception as exc:
+            if started:  # part of a response is out; no envelope can follow it
+                raise
+            await _respond(Request(scope), from_exception(exc))(scope, receive, send)
+
+
 def register_exception_handlers(app: FastAPI) -> None:
-    """Install the handlers that turn every failure into OpenAI's envelope."""
+    """Install the handlers that turn every failure into OpenAI's envelope. Add this before
+    any middleware that should see the final status (e.g. request metrics)."""
 
     @app.exception_handler(LoramixError)
     async def _loramix(request: Request, exc: LoramixError) -> JSONResponse:
@@ -161,6 +193,10 @@ def register_exception_handlers(app: FastAPI) -> None:
             err = LoramixError(exc.status_code, "http_error", str(exc.detail))
         return _respond(request, err, getattr(exc, "headers", None))
 
+    # Exceptions from routes and handlers stop at the middleware; this catch-all only sees
+    # those from middleware outside it.
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         return _respond(request, from_exception(exc))
+
+    app.add_middleware(UnhandledErrorMiddleware)

@@ -171,6 +171,12 @@ class ChatMessage(LenientModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "math+code", "messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 16},
+        {"model": "math", "messages": [{"role": "user", "content": "2 + 3 ="}], "max_tokens": 16,
+         "stream": True, "stream_options": {"include_usage": True}},
+    ]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -179,6 +185,11 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "math+code@lego", "prompt": "2 + 3 =", "max_tokens": 16, "temperature": 0},
+        {"model": "math", "prompt": ["2 + 3 =", "4 + 4 ="], "max_tokens": 16, "n": 2, "stream": True},
+    ]})
+
     prompt: str | list[str] | list[int] | list[list[int]]
 
     @field_validator("prompt")
@@ -202,6 +213,11 @@ class CompletionRequest(SamplingFields):
 
 class CreateCompositionRequest(StrictModel):
     """POST /v1/compositions: pre-warm a composition, optionally under a name."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"name": "math-and-code", "model": "math+code@cat"},
+        {"composition": {"skills": {"math": 0.7, "code": 0.3}, "method": "svd", "rank": 8}},
+    ]})
 
     name: str | None = Field(None, description="Name under which clients can use it as `model`.")
     model: str | None = Field(None, description="A composition model string, e.g. 'math+code@lego'.")
@@ -299,3 +315,71 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+# ---------------------------------------------------------------- errors, operations, compositions
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, ...")
+    param: str | None = Field(None, description="The request field at fault, dotted (e.g. 'composition.rank').")
+    code: str = Field(description="loramix's error code (see the error catalogue in docs).")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope; every non-2xx answer of the server has this body."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    """`status` alone for callers without the API key (when one is configured)."""
+
+    status: Literal["ok"] = "ok"
+    model: str | None = None
+    skills: list[str] | None = None
+    engine: dict[str, Any] | None = None
+
+
+class SkillSource(BaseModel):
+    skill: str
+    weight: float
+    digest: str
+    rank: int
+
+
+class CompositionObject(BaseModel):
+    """A named or cached composition: its spec and, once merged, the merge facts."""
+
+    id: str
+    object: Literal["composition"] = "composition"
+    name: str | None
+    key: str
+    model: str
+    method: str
+    options: dict[str, Any]
+    requested_rank: int | None
+    skills: list[SkillWeight]
+    module_weights: dict[str, Any] | None
+    cached: Literal["memory", "disk"] | None = Field(description="Cache tier of the merged adapter, null if evicted.")
+    rank: int | None
+    merge_seconds: float | None
+    relative_error: float | None
+    compressed: bool | None
+    rank_before_compression: int | None
+    compression_relative_error: float | None
+    num_bytes: int | None
+    sources: list[SkillSource] | None
+    created: int | None
+
+
+class CompositionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CompositionObject]
+
+
+class CompositionDeleted(BaseModel):
+    id: str
+    object: Literal["composition"] = "composition"
+    deleted: bool

@@ -63,7 +63,7 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
+        return httpx.get(self.url + "/health", headers=self.headers(), timeout=10).json()
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=10).text

@@ -5,25 +5,52 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 
 from server.auth import require_api_key
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from server.openapi import GENERATION_ERRORS, V1_ERRORS, error_responses
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
 from server.serving.completions import CompletionService
 from server.serving.models import list_models
 from server.state import ServerState, get_state
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
+# With `stream: true`: server-sent events (the schema describes one event, as before OpenAPI 3.2).
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {
+        "type": "string",
+        "description": "A JSON chunk (the JSON answer's shape with `delta`s or text pieces), "
+        "an error envelope if the stream fails, and finally `[DONE]`.",
+    }},
+}}}
 
-@router.get("/models", response_model=ModelList)
+
+def _generation_responses(model: type) -> dict:
+    """200 as JSON (`model`) or, with `stream: true`, as server-sent events; then the errors."""
+    return {
+        200: {"model": model, "description": "The completion, or its chunks as SSE when streaming.",
+              "content": _SSE},
+        **error_responses(*GENERATION_ERRORS),
+    }
+
+
+@router.get("/models", response_model=ModelList, responses=error_responses(*V1_ERRORS))
 async def models(state: ServerState = Depends(get_state)) -> ModelList:
     await state.composer.refresh_skills()
     return list_models(state)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse))
 async def chat_completions(request: ChatCompletionRequest, state: ServerState = Depends(get_state)) -> Response:
     return await CompletionService(state).chat(request)
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=None, responses=_generation_responses(CompletionResponse))
 async def completions(request: CompletionRequest, state: ServerState = Depends(get_state)) -> Response:
     return await CompletionService(state).completion(request)
