@@ -14,6 +14,8 @@ from server.composer import Composer
 from server.engines import create_engine
 from server.engines.base import Engine
 from server.errors import register_exception_handlers
+from server.limits import RequestBodyLimitMiddleware
+from server.merge_pool import MergePool
 from server.metrics import RequestMetricsMiddleware
 from server.named import NamedCompositions
 from server.routers import compositions, openai_api, ops
@@ -58,6 +60,11 @@ async def build_state(settings: Settings, engine: Engine | None) -> ServerState:
         named=NamedCompositions(cache_dir),
         default_method=settings.default_method,
         strict_rank=settings.strict_rank,
+        merge_pool=MergePool(
+            num_workers=settings.merge_workers,
+            queue_size=settings.merge_queue_size,
+            small_max_skills=settings.small_merge_max_skills,
+        ),
     )
     logger.info("serving %s with skills %s on engine %s", base_name, registry.names(), engine.name)
     return ServerState(settings, engine, composer, PromptEncoder(base_dir), base_name)
@@ -74,12 +81,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
+            state.composer.merge_pool.shutdown()
             await state.engine.shutdown()
 
     app = FastAPI(title="loramix", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     register_exception_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(RequestBodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s too
     app.include_router(openai_api.router)
     app.include_router(compositions.router)
     app.include_router(ops.router)
