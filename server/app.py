@@ -15,6 +15,8 @@ from server.composer import Composer
 from server.engines import create_engine
 from server.engines.base import Engine
 from server.errors import register_exception_handlers
+from server.limits import RequestBodyLimitMiddleware
+from server.merge_pool import MergePool
 from server.metrics import RequestMetricsMiddleware
 from server.named import NamedCompositions
 from server.routers import compositions, openai_api, ops
@@ -59,6 +61,11 @@ async def build_state(settings: Settings, engine: Engine | None) -> ServerState:
         named=NamedCompositions(cache_dir),
         default_method=settings.default_method,
         strict_rank=settings.strict_rank,
+        merge_pool=MergePool(
+            num_workers=settings.merge_workers,
+            queue_size=settings.merge_queue_size,
+            small_max_skills=settings.small_merge_max_skills,
+        ),
     )
     logger.info("serving %s with skills %s on engine %s", base_name, registry.names(), engine.name)
     return ServerState(settings, engine, composer, PromptEncoder(base_dir), base_name)
@@ -75,6 +82,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
+            state.composer.merge_pool.shutdown()
             await state.engine.shutdown()
 
     app = FastAPI(title="loramix", version="0.1.0", lifespan=lifespan,
@@ -82,7 +90,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     openapi.install(app, settings)
     register_exception_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(RequestBodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s too
     app.include_router(openai_api.router)
     app.include_router(compositions.router)
     app.include_router(ops.router)

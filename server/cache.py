@@ -31,6 +31,8 @@ _TMP_PREFIX = ".tmp-"
 
 # build(out_dir) merges, saves the adapter into out_dir and returns (adapter, info).
 BuildFn = Callable[[Path], "tuple[merging.LoraAdapter, dict]"]
+# run(fn, *args) runs fn(*args) on a worker thread (default: asyncio.to_thread).
+RunFn = Callable[..., Awaitable]
 Hook = Callable[["CachedComposition"], Awaitable[None]]
 
 
@@ -178,26 +180,27 @@ class CompositionCache:
 
     # ------------------------------------------------------------------ lookups
 
-    async def _fill(self, key: str, build: BuildFn) -> None:
-        """Bring `key` into the memory tier: from disk if there, else by building it."""
+    async def _fill(self, key: str, build: BuildFn, run: RunFn) -> None:
+        """Bring `key` into the memory tier: from disk if there, else by building it (with `run`)."""
         loaded = await asyncio.to_thread(self._read_disk, key)
         if loaded is not None:
             metrics.CACHE_HITS.labels(tier="disk").inc()
         else:
             self._disk.pop(key, None)
             metrics.CACHE_MISSES.inc()
-            loaded = await asyncio.to_thread(self._write_disk, key, build)
+            loaded = await run(self._write_disk, key, build)
         adapter, info = loaded
         path = self.cache_dir / key
         self._disk[key] = (await asyncio.to_thread(_dir_bytes, path), time.time())
         await self._admit(CachedComposition(key=key, path=path, adapter=adapter, info=info))
         await self._evict_disk(keep=key)
 
-    async def acquire(self, key: str, build: BuildFn) -> CachedComposition:
+    async def acquire(self, key: str, build: BuildFn, run: RunFn = asyncio.to_thread) -> CachedComposition:
         """The entry for `key`, pinned (not evictable) until `release` is called.
 
         Concurrent callers for a missing key await one shared `_fill`; a caller that goes
-        away does not cancel it (others may be waiting)."""
+        away does not cancel it (others may be waiting). The build runs through `run` (a
+        merge pool's lane), the first caller's."""
         first = True
         while True:
             entry = self._memory.get(key)
@@ -211,7 +214,7 @@ class CompositionCache:
             first = False
             task = self._inflight.get(key)
             if task is None:
-                task = asyncio.create_task(self._fill(key, build))
+                task = asyncio.create_task(self._fill(key, build, run))
                 self._inflight[key] = task
                 task.add_done_callback(lambda t, k=key: self._finish(k, t))
             await asyncio.shield(task)

@@ -23,6 +23,7 @@ from server.composition import (
 )
 from server.engines.base import AdapterHandle, Engine
 from server.errors import LoramixError, invalid_composition
+from server.merge_pool import MergePool, MergeQueueFull
 from server.named import NamedCompositions
 from server.protocol import CompositionRequest
 from server.skills import SkillRegistry
@@ -56,6 +57,7 @@ class Composer:
         named: NamedCompositions,
         default_method: str,
         strict_rank: bool,
+        merge_pool: MergePool,
     ) -> None:
         self.base_name = base_name
         self.registry = registry
@@ -64,6 +66,7 @@ class Composer:
         self.named = named
         self.default_method = default_method
         self.strict_rank = strict_rank
+        self.merge_pool = merge_pool
         cache.set_hooks(on_admit=self._register, on_evict=self._unregister)
         self._scan_lock = asyncio.Lock()
 
@@ -151,12 +154,18 @@ class Composer:
             await self.cache.release(entry)
 
     async def acquire(self, spec: CompositionSpec) -> CachedComposition:
-        """Pin the merged adapter of `spec` (merging it on a cache miss). Call cache.release."""
+        """Pin the merged adapter of `spec` (merging it on a cache miss, in the merge pool's
+        lane for its size). Call cache.release. A full lane is a 429 merge_queue_full."""
         key = self.key(spec)
-        return await self.cache.acquire(key, lambda out_dir: self._build(spec, out_dir))
+        lane = self.merge_pool.lane_for(len(spec.skill_names))
+        try:
+            return await self.cache.acquire(key, lambda out_dir: self._build(spec, out_dir), run=lane.run)
+        except MergeQueueFull as exc:
+            metrics.REJECTED_REQUESTS.labels(limit="merge_queue_size").inc()
+            raise LoramixError(429, "merge_queue_full", str(exc), type="rate_limit_error") from exc
 
     def _build(self, spec: CompositionSpec, out_dir: Path) -> tuple[merging.LoraAdapter, dict]:
-        """Merge `spec` (in a worker thread), compress it to the engine's max rank if needed,
+        """Merge `spec` (in a merge pool worker), compress it to the engine's max rank if needed,
         save it as PEFT into `out_dir`, and describe it."""
         started = time.perf_counter()
         skills = [self.registry.get(name) for name in spec.skill_names]

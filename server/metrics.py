@@ -3,7 +3,7 @@ metric families, e.g. vLLM's, appear on the same /metrics page)."""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _MERGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -38,6 +38,13 @@ COMPRESSIONS = Counter(
 ABORTED_SEQUENCES = Counter(
     "loramix_aborted_sequences", "Sequences aborted in the engine (client gone or request failed)."
 )
+REJECTED_REQUESTS = Counter(
+    "loramix_rejected_requests",
+    "Requests refused by a server limit before doing the work, by the setting that refused them "
+    "(max_request_bytes, max_prompts_per_request, max_sequences_per_request, merge_queue_size).",
+    ["limit"],
+)
+MERGE_QUEUE_DEPTH = Gauge("loramix_merge_queue_depth", "Merges running or waiting for a worker, by lane.", ["lane"])
 ENGINE_ADAPTER_LOADS = Counter("loramix_engine_adapter_loads", "Adapters registered with the engine.")
 ENGINE_ADAPTER_REMOVALS = Counter("loramix_engine_adapter_removals", "Adapters removed from the engine.")
 

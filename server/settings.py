@@ -81,6 +81,28 @@ class Settings(BaseSettings):
         "(default: ~/.cache/loramix/demo)."
     )
     log_level: str = Field("info", description="Log level of the server.")
+    max_request_bytes: int = Field(
+        2 * 2**20, ge=1, description="Largest request body in bytes; a larger one is refused with 413 "
+        "request_too_large before it is parsed (also for chunked bodies without Content-Length)."
+    )
+    max_prompts_per_request: int = Field(
+        64, ge=1, description="Most prompts in one /v1/completions request (400 on `prompt` above it)."
+    )
+    max_sequences_per_request: int = Field(
+        64, ge=1, description="Most sequences one request may start, prompts x n (400 on `n` above it)."
+    )
+    merge_workers: int = Field(
+        1, ge=1, description="Threads merging compositions, per lane (small and large merges have "
+        "separate lanes, so a small merge never waits behind large ones)."
+    )
+    merge_queue_size: int = Field(
+        8, ge=0, description="Merges that may wait for a worker, per lane; a new merge beyond that is "
+        "refused with 429 merge_queue_full (requests joining a merge already queued are not refused)."
+    )
+    small_merge_max_skills: int = Field(
+        4, ge=0, description="Compositions of at most this many skills merge in the small lane, larger "
+        "ones in the large lane (0: every merge uses the large lane)."
+    )
 
     def resolved_cache_dir(self) -> Path:
         """The composition disk-cache directory."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from server.auth import require_api_key
 from server.openapi import GENERATION_ERRORS, V1_ERRORS, error_responses
@@ -14,6 +14,7 @@ from server.protocol import (
     ModelList,
 )
 from server.serving.completions import CompletionService
+from server.serving.disconnect import cancel_on_disconnect
 from server.serving.models import list_models
 from server.state import ServerState, get_state
 
@@ -47,10 +48,14 @@ async def models(state: ServerState = Depends(get_state)) -> ModelList:
 
 
 @router.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse))
-async def chat_completions(request: ChatCompletionRequest, state: ServerState = Depends(get_state)) -> Response:
-    return await CompletionService(state).chat(request)
+async def chat_completions(
+    request: ChatCompletionRequest, raw_request: Request, state: ServerState = Depends(get_state)
+) -> Response:
+    return await cancel_on_disconnect(raw_request, CompletionService(state).chat(request))
 
 
 @router.post("/completions", response_model=None, responses=_generation_responses(CompletionResponse))
-async def completions(request: CompletionRequest, state: ServerState = Depends(get_state)) -> Response:
-    return await CompletionService(state).completion(request)
+async def completions(
+    request: CompletionRequest, raw_request: Request, state: ServerState = Depends(get_state)
+) -> Response:
+    return await cancel_on_disconnect(raw_request, CompletionService(state).completion(request))

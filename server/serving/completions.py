@@ -3,6 +3,7 @@ merged adapter, run the choices on the engine, answer as JSON or as an SSE strea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -17,6 +18,7 @@ from server import metrics
 from server.composer import Resolved
 from server.engines.base import AdapterHandle, SamplingOptions
 from server.errors import from_exception, invalid_request
+from server.limits import check_num_sequences
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
 from server.serving.generation import (
     SequenceJob,
@@ -79,15 +81,20 @@ class CompletionService:
 
     async def chat(self, request: ChatCompletionRequest) -> Response:
         started = time.perf_counter()
+        check_num_sequences(self.state.settings, 1, request.n)
         resolved = await self._resolve(request)
-        prompts = [self.state.encoder.chat(request.messages)]
+        # Tokenizing (and rendering the template) off the event loop: a long prompt must not
+        # stall every other request.
+        prompts = [await asyncio.to_thread(self.state.encoder.chat, request.messages)]
         max_tokens = request.output_budget() or self.state.settings.default_max_tokens
         return await self._run(CHAT, request, resolved, prompts, max_tokens, started)
 
     async def completion(self, request: CompletionRequest) -> Response:
         started = time.perf_counter()
+        check_num_sequences(self.state.settings, len(request.prompts()), request.n)
         resolved = await self._resolve(request)
-        prompts = [self.state.encoder.text(p) for p in request.prompts()]
+        encode = self.state.encoder.text
+        prompts = await asyncio.to_thread(lambda: [encode(p) for p in request.prompts()])
         max_tokens = request.output_budget() or 16
         return await self._run(COMPLETIONS, request, resolved, prompts, max_tokens, started)
 
