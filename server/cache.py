@@ -26,7 +26,7 @@ from server import metrics
 logger = logging.getLogger("loramix.cache")
 
 INFO_NAME = "composition.json"
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
 
 # build(out_dir) merges, saves the adapter into out_dir and returns (adapter, info).
@@ -93,7 +93,7 @@ class CompositionCache:
         for entry in self.cache_dir.iterdir():
             if entry.name.startswith(_TMP_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
-            elif entry.is_dir() and _KEY_RE.match(entry.name):
+            elif entry.is_dir() and _KEY_RE.fullmatch(entry.name):
                 self._disk[entry.name] = (_dir_bytes(entry), entry.stat().st_mtime)
 
     def _read_disk(self, key: str) -> tuple[merging.LoraAdapter, dict] | None:

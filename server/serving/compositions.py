@@ -12,7 +12,7 @@ from server.named import spec_from_dict
 from server.protocol import CreateCompositionRequest
 from server.state import ServerState
 
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _not_found(name: str) -> LoramixError:
@@ -101,7 +101,7 @@ def get(state: ServerState, name: str) -> dict:
     spec = state.composer.named.get(name)
     if spec is not None:
         return describe(state, spec, name)
-    if _KEY_RE.match(name):
+    if _KEY_RE.fullmatch(name):
         info = state.composer.cache.peek(name)
         if info is not None and "spec" in info:
             return describe(state, _spec_of(info))
@@ -113,6 +113,6 @@ async def delete(state: ServerState, name: str) -> dict:
     composer = state.composer
     if composer.named.delete(name):
         return {"id": name, "object": "composition", "deleted": True}
-    if _KEY_RE.match(name) and await composer.cache.discard(name):
+    if _KEY_RE.fullmatch(name) and await composer.cache.discard(name):
         return {"id": name, "object": "composition", "deleted": True}
     raise _not_found(name)
