@@ -16,6 +16,7 @@ async def health(state: ServerState = Depends(get_state)) -> dict:
         "status": "ok",
         "model": state.base_name,
         "skills": state.composer.registry.names(),
+        "unusable_skills": {name: p.reason for name, p in state.composer.registry.snapshot()[1].items()},
         "engine": state.engine.health(),
     }
 
