@@ -182,14 +182,17 @@ class CompositionCache:
                     self._disk[entry.name] = (_dir_bytes(entry), entry.stat().st_mtime)
 
     def _entry_problem(self, path: Path) -> str | None:
-        """A quick check of a disk entry (its files exist, its description is sound)."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                return f"{name} is missing"
+        """A quick check of a disk entry (its files exist, its JSON files are sound); the weights
+        are checked when the entry is loaded."""
+        if not (path / WEIGHTS_NAME).is_file():
+            return f"{WEIGHTS_NAME} is missing"
         try:
+            config = json.loads((path / CONFIG_NAME).read_text())
             info = json.loads((path / INFO_NAME).read_text())
         except (OSError, ValueError) as exc:
-            return f"{INFO_NAME} cannot be read ({type(exc).__name__})"
+            return f"a JSON file cannot be read ({type(exc).__name__})"
+        if not isinstance(config, dict):
+            return f"{CONFIG_NAME} is not an object"
         return info_problem(info, path.name)
 
     def _read_disk(self, key: str) -> tuple[merging.LoraAdapter, dict] | None:

@@ -19,11 +19,13 @@ async def create_composition(request: CreateCompositionRequest, state: ServerSta
 
 @router.get("")
 async def list_compositions(state: ServerState = Depends(get_state)) -> dict:
+    await state.composer.refresh_skills()
     return compositions.list_all(state)
 
 
 @router.get("/{name}")
 async def get_composition(name: str, state: ServerState = Depends(get_state)) -> dict:
+    await state.composer.refresh_skills()
     return compositions.get(state, name)
 
 
