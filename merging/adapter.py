@@ -23,7 +23,7 @@ from merging.errors import AdapterError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.[^.]+)?\.weight$")
+_KEY_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.[^.]+)?\.weight")
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora)",
     "fan_in_fan_out": "fan_in_fan_out layers (Conv1D)",
@@ -87,7 +87,7 @@ class LoraAdapter:
 def _pattern_value(patterns: dict, module: str, default):
     """peft's rank_pattern/alpha_pattern lookup: a key matches a suffix of the module path."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.fullmatch(rf"(.*\.)?({key})", module):
             return value
     return default
 
@@ -97,6 +97,72 @@ def _module_scaling(config: dict, module: str, rank: int) -> float:
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def _shown(value) -> str:
+    """A config value in a message: numbers as they are, anything else by its JSON type
+    (a string may hold a path)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return _JSON_TYPES.get(type(value), "a value")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pattern_problems(config: dict, key: str, is_valid, expected: str) -> list[str]:
+    patterns = config.get(key)
+    if patterns is None:
+        return []
+    if not isinstance(patterns, dict):
+        return [f"{key} must be an object, not {_shown(patterns)}"]
+    problems = []
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error:
+            problems.append(f"{key} has a key that is not a valid pattern")
+        if not is_valid(value):
+            problems.append(f"{key} values must be {expected}")
+    return problems
+
+
+def _target_problems(target) -> list[str]:
+    if target is None:
+        return []
+    if isinstance(target, str):
+        try:
+            re.compile(target)
+        except re.error:
+            return ["target_modules is not a valid pattern"]
+        return []
+    if isinstance(target, list) and all(isinstance(item, str) for item in target):
+        return []
+    return ["target_modules must be a pattern or a list of module names"]
+
+
+def _config_type_problems(config: dict) -> list[str]:
+    """Values of the wrong JSON type or range, which make the scaling impossible to compute."""
+    problems = []
+    if "r" in config and not _is_positive_int(config["r"]):
+        problems.append(f"r must be a positive integer, not {_shown(config['r'])}")
+    if "lora_alpha" in config and not _is_finite_number(config["lora_alpha"]):
+        problems.append(f"lora_alpha must be a finite number, not {_shown(config['lora_alpha'])}")
+    if not isinstance(config.get("use_rslora", False), (bool, type(None))):
+        problems.append("use_rslora must be a boolean")
+    if not isinstance(config.get("base_model_name_or_path"), (str, type(None))):
+        problems.append("base_model_name_or_path must be a string")
+    problems += _pattern_problems(config, "rank_pattern", _is_positive_int, "positive integers")
+    problems += _pattern_problems(config, "alpha_pattern", _is_finite_number, "finite numbers")
+    return problems + _target_problems(config.get("target_modules"))
 
 
 def _config_problems(config: dict) -> list[str]:
@@ -117,7 +183,7 @@ def _config_problems(config: dict) -> list[str]:
 def _group_tensors(tensors: dict[str, torch.Tensor], problems: list[str]) -> dict[str, dict]:
     pairs: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        match = _KEY_RE.match(key)
+        match = _KEY_RE.fullmatch(key)
         if match is None:
             kind = "embedding LoRA" if "lora_embedding" in key else "tensor"
             problems.append(f"unsupported {kind} {key!r}")
@@ -139,6 +205,9 @@ def _build_module(module: str, pair: dict, config: dict, problems: list[str]) ->
         )
         return None
     rank = lora_a.shape[0]
+    if rank == 0:
+        problems.append(f"module {module!r} has rank 0")
+        return None
     declared = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
     if declared != rank:
         problems.append(f"module {module!r} has rank {rank} but the config declares {declared}")
@@ -164,10 +233,13 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> LoraAdapter:
         tensors = load_file(weights_file)
     except Exception as exc:  # noqa: BLE001 - any decode failure of an untrusted file is the same error
         raise AdapterError(f"adapter {label!r} cannot be read: {type(exc).__name__}", param=label) from None
-    problems = _config_problems(config)
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {label!r} is not usable: {CONFIG_NAME} is not a JSON object", param=label)
+    type_problems = _config_type_problems(config)
+    problems = _config_problems(config) + type_problems
     modules = {}
     for module, pair in sorted(_group_tensors(tensors, problems).items()):
-        built = _build_module(module, pair, config, problems)
+        built = None if type_problems else _build_module(module, pair, config, problems)
         if built is not None:
             modules[module] = built
     if not modules and not problems:

@@ -49,7 +49,7 @@ async def build_state(settings: Settings, engine: Engine | None) -> ServerState:
     await engine.start()
     registry = SkillRegistry(skills_dir, base_module_shapes(base_dir))
     registry.scan()
-    cache_dir = settings.resolved_cache_dir()
+    cache_dir = settings.resolved_cache_dir(base_dir, skills_dir)
     cache = CompositionCache(
         cache_dir, memory_bytes=settings.memory_cache_bytes, disk_bytes=settings.disk_cache_bytes
     )

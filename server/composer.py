@@ -94,13 +94,25 @@ class Composer:
             return Resolved(None, model)
         named = self.named.get(model)
         if named is not None:
-            self.check_skills(named)
+            self._check_named(model, named)
             return Resolved(named, model)
         if not looks_like_composition(model):
             self.registry.get(model)  # a single name that is no skill: 404 model_not_found
         spec = spec_from_model_string(model, default_method=self.default_method)
         self.check_skills(spec)
         return Resolved(spec, model)
+
+    def _check_named(self, name: str, spec: CompositionSpec) -> None:
+        """A named composition whose skill vanished is unavailable (400), not an unknown model."""
+        missing = [skill for skill in spec.skill_names
+                   if skill not in self.registry and skill not in self.registry.problems]
+        if missing:
+            raise LoramixError(
+                400, "skill_unavailable",
+                f"The composition '{name}' cannot be served: its skill '{missing[0]}' no longer exists.",
+                param="model",
+            )
+        self.check_skills(spec)
 
     def check_skills(self, spec: CompositionSpec, skills_param: str = "model", rank_param: str = "model") -> None:
         """Every skill of `spec` exists (404 model_not_found otherwise); its rank is allowed."""

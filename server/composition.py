@@ -32,9 +32,9 @@ from server.errors import LoramixError, from_exception, invalid_composition
 from server.protocol import CompositionRequest
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_NAME_RE = re.compile(rf"^{NAME_PATTERN}$")
-_METHOD_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_OPTION_RE = re.compile(r"^(?P<key>[a-z][a-z0-9_]*)=(?P<value>[A-Za-z0-9._+-]+)$")
+_NAME_RE = re.compile(NAME_PATTERN)
+_METHOD_RE = re.compile(r"[a-z][a-z0-9_]*")
+_OPTION_RE = re.compile(r"(?P<key>[a-z][a-z0-9_]*)=(?P<value>[A-Za-z0-9._+-]+)")
 _OPERATORS = ("+", "*", "@")
 # Skills are trained to act at weight 1; far beyond that a composition only overflows (merged
 # factors, then activations: NaN logits). Weights must satisfy 0 < |w| <= MAX_ABS_WEIGHT.
@@ -43,7 +43,7 @@ MAX_ABS_WEIGHT = 100.0
 
 def is_valid_name(name: str) -> bool:
     """True if `name` can be a skill or composition name: no separators, no traversal."""
-    return bool(_NAME_RE.match(name))
+    return _NAME_RE.fullmatch(name) is not None  # fullmatch: `$` would accept "name\n"
 
 
 def looks_like_composition(model: str) -> bool:
@@ -144,13 +144,13 @@ def _parse_weight(text: str, term: str) -> float:
 
 def _parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """Split `lego(k=8,seed=1)` into the method name and its raw options."""
-    match = re.match(r"^(?P<method>[^()]*)(?:\((?P<options>[^()]*)\))?$", text)
-    if not match or not _METHOD_RE.match(match["method"]):
+    match = re.fullmatch(r"(?P<method>[^()]*)(?:\((?P<options>[^()]*)\))?", text)
+    if not match or not _METHOD_RE.fullmatch(match["method"]):
         raise invalid_composition(f"Malformed method '{text}' in the model string.", "model")
     options: dict[str, Any] = {}
     if match["options"]:
         for item in match["options"].split(","):
-            option = _OPTION_RE.match(item)
+            option = _OPTION_RE.fullmatch(item)
             if not option:
                 raise invalid_composition(f"Malformed method option '{item}' (expected key=value).", "model")
             if option["key"] in options:

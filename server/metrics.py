@@ -27,6 +27,14 @@ INTER_TOKEN_LATENCY = Histogram(
 CACHE_HITS = Counter("loramix_composition_cache_hits", "Composition cache hits by tier.", ["tier"])
 CACHE_MISSES = Counter("loramix_composition_cache_misses", "Compositions that had to be merged.")
 CACHE_EVICTIONS = Counter("loramix_composition_cache_evictions", "Composition cache evictions by tier.", ["tier"])
+CACHE_DISK_ERRORS = Counter(
+    "loramix_composition_cache_disk_errors",
+    "Failures of the composition cache's disk tier, by operation (new entries then stay in memory only).",
+    ["operation"],
+)
+CACHE_CORRUPT_ENTRIES = Counter(
+    "loramix_composition_cache_corrupt_entries", "Corrupt disk cache entries discarded (merged again when used)."
+)
 MERGES = Counter("loramix_merges", "Merges performed, by method.", ["method"])
 MERGE_SECONDS = Histogram(
     "loramix_merge_seconds", "Wall time of one merge (including compression), by method.", ["method"],

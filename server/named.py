@@ -3,6 +3,7 @@ survives restarts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from server import metrics
 from server.composition import CompositionSpec
 
 logger = logging.getLogger("loramix.named")
@@ -49,6 +51,7 @@ class NamedCompositions:
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / FILE_NAME
         self._lock = threading.Lock()
+        self._write_failed = False
         self._stamp = self._file_stamp()
         self._entries: dict[str, dict] = self._read()
 
@@ -69,20 +72,45 @@ class NamedCompositions:
     def _read(self) -> dict[str, dict]:
         try:
             data = json.loads(self.path.read_text())
-            for entry in data.values():
-                spec_from_dict(entry["spec"])
-            return data
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("ignoring unreadable named compositions file: %s", exc)
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable named compositions file: %s", type(exc).__name__)
             return {}
+        if not isinstance(data, dict):
+            logger.warning("ignoring named compositions file that is not an object")
+            return {}
+        entries = {}
+        for name, entry in data.items():
+            try:
+                spec_from_dict(entry["spec"])
+                created = entry["created"]
+                if not isinstance(created, (int, float)) or isinstance(created, bool):
+                    raise TypeError("created is not a number")
+            except Exception as exc:  # noqa: BLE001 - any shape is possible in a hand-edited file
+                logger.warning("ignoring unreadable named composition %r: %s", name, type(exc).__name__)
+                continue
+            entries[name] = entry
+        return entries
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Persist the names; when the directory cannot be written they stay in memory only
+        (until the server stops), logged once and counted."""
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._entries, sort_keys=True, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._entries, sort_keys=True, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            metrics.CACHE_DISK_ERRORS.labels(operation="named").inc()
+            if not self._write_failed:
+                logger.warning("named compositions cannot be saved (%s); they are kept in memory only",
+                               type(exc).__name__)
+            self._write_failed = True
+            return
+        self._write_failed = False
         self._stamp = self._file_stamp()
 
     def get(self, name: str) -> CompositionSpec | None:

@@ -339,6 +339,7 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     model: str | None = None
     skills: list[str] | None = None
+    unusable_skills: dict[str, str] | None = None  # skill -> why it cannot be served
     engine: dict[str, Any] | None = None
 
 

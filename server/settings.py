@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 def default_cache_root() -> Path:
     """Where the composition cache and the demo model live unless configured otherwise."""
     return Path.home() / ".cache" / "loramix"
+
+
+def cache_dir_name(base_dir: Path, skills_dir: Path | None) -> str:
+    """A short hash of the resolved base model and skills directory paths."""
+    identity = f"{Path(base_dir).resolve()}\0{Path(skills_dir).resolve() if skills_dir is not None else ''}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 class Settings(BaseSettings):
@@ -35,7 +42,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     default_method: str = Field("cat", description="Merge method used when a composition names none.")
     cache_dir: Path | None = Field(
-        None, description="Disk cache of merged adapters (default: ~/.cache/loramix/compositions)."
+        None, description="Disk cache of merged adapters and named compositions, used as given (default: "
+        "~/.cache/loramix/compositions/<hash>, one per base model and skills directory)."
     )
     memory_cache_bytes: int = Field(
         512 * 2**20, ge=0, description="Bytes of merged adapters kept in memory (LRU)."
@@ -104,9 +112,13 @@ class Settings(BaseSettings):
         "ones in the large lane (0: every merge uses the large lane)."
     )
 
-    def resolved_cache_dir(self) -> Path:
-        """The composition disk-cache directory."""
-        return self.cache_dir if self.cache_dir is not None else default_cache_root() / "compositions"
+    def resolved_cache_dir(self, base_dir: Path, skills_dir: Path | None) -> Path:
+        """The composition disk-cache directory: `cache_dir` as given, else one of its own for
+        this base model and skills directory, so that two servers on one machine never list,
+        serve or delete each other's compositions."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return default_cache_root() / "compositions" / cache_dir_name(base_dir, skills_dir)
 
     def resolved_demo_dir(self) -> Path:
         """The directory the demo model and skills are built in."""

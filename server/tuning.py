@@ -89,5 +89,5 @@ def tune_and_save(
     spec = tuned_spec(names, result)
     # Merge once so a problem shows here, not on the server's first request.
     merge(adapters, result.info["mean_weights"], method="cat", names=names, module_weights=result.module_weights)
-    NamedCompositions(settings.resolved_cache_dir()).put(composition_name, spec)
+    NamedCompositions(settings.resolved_cache_dir(base_dir, skills_dir)).put(composition_name, spec)
     return result, spec

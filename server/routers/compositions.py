@@ -26,11 +26,13 @@ async def create_composition(request: CreateCompositionRequest, state: ServerSta
 
 @router.get("", response_model=CompositionList, responses=error_responses(*V1_ERRORS))
 async def list_compositions(state: ServerState = Depends(get_state)) -> dict:
+    await state.composer.refresh_skills()
     return compositions.list_all(state)
 
 
 @router.get("/{name}", response_model=CompositionObject, responses=error_responses(404, *V1_ERRORS))
 async def get_composition(name: CompositionName, state: ServerState = Depends(get_state)) -> dict:
+    await state.composer.refresh_skills()
     return compositions.get(state, name)
 
 

@@ -21,7 +21,10 @@ async def health(request: Request, state: ServerState = Depends(get_state)) -> H
     if not is_authorized(request):
         return HealthResponse()
     return HealthResponse(
-        model=state.base_name, skills=state.composer.registry.names(), engine=state.engine.health()
+        model=state.base_name,
+        skills=state.composer.registry.names(),
+        unusable_skills={name: p.reason for name, p in state.composer.registry.snapshot()[1].items()},
+        engine=state.engine.health(),
     )
 
 

@@ -4,6 +4,7 @@ inspect and delete."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 from server.composition import CompositionSpec, canonical_spec, is_valid_name
@@ -12,23 +13,40 @@ from server.named import spec_from_dict
 from server.protocol import CreateCompositionRequest
 from server.state import ServerState
 
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+logger = logging.getLogger("loramix.compositions")
+
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _not_found(name: str) -> LoramixError:
     return LoramixError(404, "composition_not_found", f"No composition named '{name}'.", param="name")
 
 
-def describe(state: ServerState, spec: CompositionSpec, name: str | None = None) -> dict:
-    """The public description of a composition: its spec and, once merged, the merge facts."""
+def _current_key(state: ServerState, spec: CompositionSpec) -> tuple[str | None, str | None]:
+    """(key, None) for the skills as they are now, or (None, why the composition cannot be served)."""
+    try:
+        return state.composer.key(spec), None
+    except LoramixError as exc:
+        return None, exc.message
+
+
+def describe(state: ServerState, spec: CompositionSpec, name: str | None = None, key: str | None = None) -> dict:
+    """The public description of a composition: its spec, whether it can be served now (a
+    skill it uses may have vanished or broken) and, once merged, the merge facts. `key`: that
+    of a cached entry, which differs from the current one when a skill changed since."""
     composer = state.composer
-    key = composer.key(spec)
-    info = composer.cache.peek(key) or {}
+    current, unusable_reason = _current_key(state, spec)
+    if unusable_reason is None and key is not None and key != current:
+        unusable_reason = "A skill it uses changed since it was merged; using it merges it again."
+    key = key or current
+    info = (composer.cache.peek(key) if key else None) or {}
     return {
         "id": name or spec.model_string(),
         "object": "composition",
         "name": name,
         "key": key,
+        "usable": unusable_reason is None,
+        "unusable_reason": unusable_reason,
         "model": spec.model_string(),
         "method": spec.method,
         "options": dict(spec.options),
@@ -38,7 +56,7 @@ def describe(state: ServerState, spec: CompositionSpec, name: str | None = None)
             {"modules": len(spec.module_weights), "digest": spec.module_weights_digest()}
             if spec.module_weights else None
         ),
-        "cached": composer.cache.tier(key),
+        "cached": composer.cache.tier(key) if key else None,
         "rank": info.get("rank"),
         "merge_seconds": info.get("merge_seconds"),
         "relative_error": info.get("relative_error"),
@@ -81,19 +99,31 @@ async def create(state: ServerState, request: CreateCompositionRequest) -> dict:
 
 
 def list_all(state: ServerState) -> dict:
+    """Named compositions, then cached ones; those whose skills vanished are listed as unusable."""
     composer = state.composer
-    data = [describe(state, composer.named.get(name), name) for name in composer.named.names()]
+    data = []
+    for name in composer.named.names():
+        spec = composer.named.get(name)
+        if spec is not None:  # None: deleted by another process meanwhile
+            data.append(describe(state, spec, name))
     named_keys = {item["key"] for item in data}
     for key in composer.cache.keys():
-        info = composer.cache.peek(key)
-        if key in named_keys or info is None or "spec" not in info:
+        spec = _spec_of(composer.cache.peek(key))
+        if key in named_keys or spec is None:
             continue
-        data.append(describe(state, _spec_of(info)))
+        data.append(describe(state, spec, key=key))
     return {"object": "list", "data": data}
 
 
-def _spec_of(info: dict) -> CompositionSpec:
-    return spec_from_dict(json.loads(info["spec"]))
+def _spec_of(info: dict | None) -> CompositionSpec | None:
+    """The spec stored with a cached entry, or None if there is none or it is unreadable."""
+    if info is None or "spec" not in info:
+        return None
+    try:
+        return spec_from_dict(json.loads(info["spec"]))
+    except Exception:  # noqa: BLE001 - a stored description of any shape must not fail a listing
+        logger.warning("cache entry %s has an unreadable spec", str(info.get("key"))[:12])
+        return None
 
 
 def get(state: ServerState, name: str) -> dict:
@@ -101,10 +131,10 @@ def get(state: ServerState, name: str) -> dict:
     spec = state.composer.named.get(name)
     if spec is not None:
         return describe(state, spec, name)
-    if _KEY_RE.match(name):
-        info = state.composer.cache.peek(name)
-        if info is not None and "spec" in info:
-            return describe(state, _spec_of(info))
+    if _KEY_RE.fullmatch(name):
+        spec = _spec_of(state.composer.cache.peek(name))
+        if spec is not None:
+            return describe(state, spec, key=name)
     raise _not_found(name)
 
 
@@ -113,6 +143,6 @@ async def delete(state: ServerState, name: str) -> dict:
     composer = state.composer
     if composer.named.delete(name):
         return {"id": name, "object": "composition", "deleted": True}
-    if _KEY_RE.match(name) and await composer.cache.discard(name):
+    if _KEY_RE.fullmatch(name) and await composer.cache.discard(name):
         return {"id": name, "object": "composition", "deleted": True}
     raise _not_found(name)

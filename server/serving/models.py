@@ -1,4 +1,5 @@
-"""GET /v1/models: the base model, every skill, named compositions and cached compositions."""
+"""GET /v1/models: the base model (with the skills that are not usable and why), every usable
+skill, named compositions and cached compositions."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from server.state import ServerState
 def list_models(state: ServerState) -> ModelList:
     composer = state.composer
     created = int(state.started)
-    cards = [ModelCard(id=state.base_name, created=created, loramix={"kind": "base"})]
-    for name in composer.registry.names():
-        skill = composer.registry.get(name)
+    skills, problems = composer.registry.snapshot()
+    # Unusable skills are no models a client can use: they are listed on the base model's card.
+    unusable = [{"name": name, "code": p.code, "reason": p.reason} for name, p in sorted(problems.items())]
+    cards = [ModelCard(id=state.base_name, created=created, loramix={"kind": "base", "unusable_skills": unusable})]
+    for name, skill in sorted(skills.items()):
         cards.append(ModelCard(
             id=name, created=created, root=state.base_name, parent=state.base_name,
             loramix={"kind": "skill", "rank": skill.rank, "digest": skill.digest},
         ))
     for name in composer.named.names():
         spec = composer.named.get(name)
+        if spec is None:  # deleted by another process meanwhile
+            continue
         cards.append(ModelCard(
             id=name, created=int(composer.named.created(name) or created), root=state.base_name,
             parent=state.base_name, loramix={"kind": "named_composition", "composition": spec.model_string()},
