@@ -31,9 +31,40 @@ from server.skills import SkillRegistry
 logger = logging.getLogger("loramix.composer")
 
 
+MAX_ADAPTER_ID = 2**31 - 1  # vLLM keeps lora_int_id in int32 arrays on its GPU runner
+
+
 def adapter_id_for(key: str) -> int:
-    """A stable positive int id (vLLM's lora_int_id) from the first 7 bytes of the key."""
-    return (int(key[:8], 16) & 0x7FFFFFFF) or 1
+    """The preferred engine id (vLLM's lora_int_id) of composition `key`: a positive int32
+    from the key's first 31 bits, the same on every replica."""
+    return (int(key[:8], 16) & MAX_ADAPTER_ID) or 1
+
+
+class AdapterIds:
+    """Engine ids of the compositions registered in this process. Each key gets its
+    preferred id unless another registered key holds it (two keys share 31 bits: about one
+    pair in 2^31); then the next free id. An id is never shared by two live keys, so an
+    engine never serves one composition's adapter for another."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, int] = {}
+        self._by_id: dict[int, str] = {}
+
+    def id_for(self, key: str) -> int:
+        if key in self._by_key:
+            return self._by_key[key]
+        adapter_id = adapter_id_for(key)
+        while adapter_id in self._by_id:
+            adapter_id = adapter_id % MAX_ADAPTER_ID + 1
+        self._by_key[key], self._by_id[adapter_id] = adapter_id, key
+        return adapter_id
+
+    def release(self, key: str) -> int | None:
+        """Forget `key`; its id (returned) may go to another key from now on."""
+        adapter_id = self._by_key.pop(key, None)
+        if adapter_id is not None:
+            del self._by_id[adapter_id]
+        return adapter_id
 
 
 @dataclass(frozen=True)
@@ -67,6 +98,7 @@ class Composer:
         self.default_method = default_method
         self.strict_rank = strict_rank
         self.merge_pool = merge_pool
+        self.adapter_ids = AdapterIds()
         cache.set_hooks(on_admit=self._register, on_evict=self._unregister)
         self._scan_lock = asyncio.Lock()
 
@@ -161,7 +193,7 @@ class Composer:
             return
         entry = await self.acquire(spec)
         try:
-            yield handle_for(entry)
+            yield self._handle(entry)
         finally:
             await self.cache.release(entry)
 
@@ -218,17 +250,19 @@ class Composer:
         metrics.MERGE_SECONDS.labels(method=spec.method).observe(seconds)
         return adapter, info
 
+    def _handle(self, entry: CachedComposition) -> AdapterHandle:
+        adapter_id = self.adapter_ids.id_for(entry.key)
+        return AdapterHandle(adapter_id=adapter_id, name=entry.key, path=entry.path, rank=entry.rank)
+
     async def _register(self, entry: CachedComposition) -> None:
-        await self.engine.add_adapter(handle_for(entry))
+        await self.engine.add_adapter(self._handle(entry))
         metrics.ENGINE_ADAPTER_LOADS.inc()
 
     async def _unregister(self, entry: CachedComposition) -> None:
-        await self.engine.remove_adapter(adapter_id_for(entry.key))
+        adapter_id = self.adapter_ids.release(entry.key)
+        if adapter_id is not None:
+            await self.engine.remove_adapter(adapter_id)
         metrics.ENGINE_ADAPTER_REMOVALS.inc()
-
-
-def handle_for(entry: CachedComposition) -> AdapterHandle:
-    return AdapterHandle(adapter_id=adapter_id_for(entry.key), name=entry.key, path=entry.path, rank=entry.rank)
 
 
 def rank_limit_exceeded(rank: int, max_rank: int, param: str | None) -> LoramixError:
