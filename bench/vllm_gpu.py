@@ -328,6 +328,53 @@ def phase_loramix(args, work: Path) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------- report
+
+
+def render(results: dict) -> str:
+    """The markdown report of a results JSON: loramix rows beside vLLM's at each concurrency."""
+    setup = results["setup"]
+    hw = setup["hardware"]
+    lines = [
+        f"{hw.get('gpu', hw['cpu'])}, vLLM {hw.get('vllm')}; Llama `{setup['shape']}` shape, random weights, "
+        f"{setup['dtype']}; rank-{setup['rank']} skills on all 7 projections; max_loras {setup['max_loras']}, "
+        f"max_lora_rank {setup['max_lora_rank']}; `vllm bench serve`, random prompts, input {setup['input_len']} / "
+        f"output {setup['output_len']} tokens (`--ignore-eos`), 4 x concurrency requests per run (min 16).",
+        "",
+        "| server | case | conc. | req/s | output tok/s | vs vLLM | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    baseline = {}
+    for row in results.get("vllm_server", {}).get("rows", []):
+        key = ("base" if row["case"] == "base model" else "adapter", row["concurrency"])
+        baseline[key] = row["output_tokens_per_s"]
+    for source in ("vllm_server", "loramix"):
+        for r in results.get(source, {}).get("rows", []):
+            kind = "base" if r["case"] == "base model" else "adapter"
+            ref = baseline.get((kind, r["concurrency"]))
+            ratio = f"{r['output_tokens_per_s'] / ref:.2f}" if ref and source == "loramix" else "-"
+            server = "vLLM OpenAI server" if source == "vllm_server" else "loramix (vLLM engine)"
+            lines.append(
+                f"| {server} | {r['case']} | {r['concurrency']} | {r['requests_per_s']:.2f} | "
+                f"{r['output_tokens_per_s']:.0f} | {ratio} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
+                f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} |"
+            )
+    new = results.get("loramix", {}).get("new_composition")
+    if new and "ttft_p50_ms" in new:
+        lines += ["", f"First request of a never-seen composition (merge + cache + register + first token, "
+                      f"{new['num']} sequential): TTFT p50 {new['ttft_p50_ms']:.0f} ms, p99 {new['ttft_p99_ms']:.0f} ms."]
+    agreement = results.get("agreement")
+    if agreement:
+        lines += ["", f"Greedy agreement with transformers + peft on the same merged adapter ({agreement['dtype']}, "
+                      f"{agreement['num_prompts']} random prompts, {agreement['tokens']} tokens; first token / whole sequence):",
+                  "", "| engine | " + " | ".join(next(iter(agreement["engines"].values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(agreement["engines"].values())))]
+        for engine, by_name in agreement["engines"].items():
+            cells = [f"{v['first_token_agreement']:.2f} / {v['sequence_agreement']:.2f}" for v in by_name.values()]
+            lines.append(f"| loramix {engine} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -349,7 +396,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=["build", "vllm", "loramix", "agreement", "all"], default="all")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--work", type=Path, required=True, help="model, skills, logs, partial results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/loramix-vllm-gpu"), help="model, skills, logs, partial results")
     parser.add_argument("--out", type=Path, help="the results JSON (merged with what is there)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--waves", type=int, default=4, help="requests per run = waves x concurrency")
@@ -362,7 +409,11 @@ def main() -> None:
     parser.add_argument("--num-new", type=int, default=32, help="never-seen compositions to time")
     parser.add_argument("--num-check-prompts", type=int, default=64)
     parser.add_argument("--check-tokens", type=int, default=8)
+    parser.add_argument("--render", type=Path, help="print the markdown report of this results JSON and exit")
     args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
