@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve_throughput import Load, Server, free_port, run_load
+from bench.serve_throughput import Load, Server, free_port, run_load, warm_up
 
 SKILLS = ("a", "b", "c", "d")
 RANK = 16
@@ -158,14 +158,6 @@ def start_loramix(args, work: Path) -> Server:
            "--served-model-name", BASE_NAME, "--cache-dir", str(work / "cache"),
            "--max-cpu-loras", "64", "--log-level", "warning", *_engine_flags(args)]
     return Server(cmd, port, work / "loramix.log")
-
-
-def warm_up(server: Server, models: list[str]) -> None:
-    with httpx.Client(base_url=server.url, timeout=600) as http:
-        for model in models:
-            response = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2})
-            if response.status_code != 200:
-                raise SystemExit(f"warm-up for {model!r} failed: {response.status_code} {response.text}")
 
 
 def bench_cases(server: Server, label: str, cases, args, work: Path) -> list[Row]:
