@@ -356,7 +356,9 @@ class CompositionObject(BaseModel):
     id: str
     object: Literal["composition"] = "composition"
     name: str | None
-    key: str
+    key: str | None = Field(description="Content key; null when a skill it uses no longer exists.")
+    usable: bool = True
+    unusable_reason: str | None = None
     model: str
     method: str
     options: dict[str, Any]

@@ -42,7 +42,7 @@ class ServerProcess:
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
-    def _wait_ready(self, limit_s: float = 240) -> None:
+    def _wait_ready(self, limit_s: float = 480) -> None:
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -23,7 +23,7 @@ async def health(request: Request, state: ServerState = Depends(get_state)) -> H
     return HealthResponse(
         model=state.base_name,
         skills=state.composer.registry.names(),
-        unusable_skills={name: p.reason for name, p in state.composer.registry.snapshot()[1].items()},
+        unusable_skills={name: p.reason for name, p in state.composer.registry.snapshot()[1].items()} or None,
         engine=state.engine.health(),
     )
 
