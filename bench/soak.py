@@ -143,8 +143,8 @@ def table(result: dict) -> str:
         ("TTFT p50 / p99", f"{result['ttft_p50_ms']} / {result['ttft_p99_ms']} ms"),
         ("output tokens/s", result["tokens_per_s"]),
         ("RSS start / middle / end / max", f"{rss['start']} / {rss['middle']} / {rss['end']} / {rss['max']} MiB"),
-        ("RSS slope after warm-up (target <= "
-         f"{FLAT_SLOPE_MIB_PER_MIN})", f"{result['rss_slope_after_warmup_mib_per_min']} MiB/min"),
+        (f"RSS slope after warm-up (target <= {FLAT_SLOPE_MIB_PER_MIN})",
+         f"{result['rss_slope_after_warmup_mib_per_min']} MiB/min"),
         ("target met (0 errors, RSS flat)", "yes" if result["target_met"] else "NO"),
     ]
     return "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
