@@ -86,7 +86,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def start_server(args, work: Path) -> Server:
     from server.demo import ensure_demo
 
-    demo = ensure_demo(work / "demo", world="tiny")
+    demo = ensure_demo(args.demo_dir or work / "demo", world="tiny")
     port = free_port()
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine", args.engine,
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--disk-cache-bytes", type=int, default=16 * 2**20, help="server's disk tier")
     parser.add_argument("--max-request-bytes", type=int, default=64 * 1024, help="server's body limit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--demo-dir", type=Path, default=None, help="tiny demo world (default: built in the work dir)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="result JSON")
     args = parser.parse_args(argv)

@@ -83,7 +83,8 @@ def hostile_request(rng: random.Random, max_request_bytes: int) -> tuple[str, di
     """(path, body, expected status, what it is) for a request the server must refuse."""
     kind = rng.choice(("bad_weight", "huge_seed", "oversize_body", "unknown_skill", "bad_method"))
     if kind == "bad_weight":
-        return "/v1/completions", {"model": "math*-2+code", "prompt": "x", "max_tokens": 4}, 400, kind
+        model = rng.choice(("math*abc+code*1", "math*0+code*1", "math*inf+code*1"))
+        return "/v1/completions", {"model": model, "prompt": "x", "max_tokens": 4}, 400, kind
     if kind == "huge_seed":
         return "/v1/completions", {"model": "math", "prompt": "x", "max_tokens": 4, "seed": 2**64}, 400, kind
     if kind == "oversize_body":
