@@ -92,7 +92,7 @@ def start_server(args, work: Path) -> Server:
         sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine", args.engine,
         "--base-model", str(demo.base_dir), "--skills-dir", str(demo.skills_dir), "--served-model-name", "tiny",
         "--cache-dir", str(work / "cache"), "--memory-cache-bytes", str(args.memory_cache_bytes),
-        "--disk-cache-bytes", str(args.disk_cache_bytes), "--max-request-bytes", str(args.max_request_bytes),
+        "--disk-cache-bytes", str(args.disk_cache_bytes), "--disk-cache-grace-seconds", str(args.disk_grace), "--max-request-bytes", str(args.max_request_bytes),
         "--max-lora-rank", "32", "--dtype", "float32", "--log-level", "warning",
     ]
     return Server(cmd, port, work / "server.log")
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="share of the run left out of the RSS slope")
     parser.add_argument("--memory-cache-bytes", type=int, default=4 * 2**20, help="server's memory tier")
     parser.add_argument("--disk-cache-bytes", type=int, default=16 * 2**20, help="server's disk tier")
+    parser.add_argument("--disk-grace", type=float, default=5,
+                        help="server's --disk-cache-grace-seconds (short, so disk eviction runs)")
     parser.add_argument("--max-request-bytes", type=int, default=64 * 1024, help="server's body limit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-dir", type=Path, default=None, help="tiny demo world (default: built in the work dir)")
