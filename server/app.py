@@ -51,7 +51,8 @@ async def build_state(settings: Settings, engine: Engine | None) -> ServerState:
     registry.scan()
     cache_dir = settings.resolved_cache_dir(base_dir, skills_dir)
     cache = CompositionCache(
-        cache_dir, memory_bytes=settings.memory_cache_bytes, disk_bytes=settings.disk_cache_bytes
+        cache_dir, memory_bytes=settings.memory_cache_bytes, disk_bytes=settings.disk_cache_bytes,
+        disk_grace_s=settings.disk_cache_grace_seconds,
     )
     composer = Composer(
         base_name=base_name,

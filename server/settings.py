@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     disk_cache_bytes: int = Field(
         8 * 2**30, ge=0, description="Bytes of merged adapters kept in the disk cache (LRU)."
     )
+    disk_cache_grace_seconds: float = Field(
+        600, gt=0, description="Disk cache entries used (by any replica sharing the cache directory) "
+        "within this many seconds are never evicted, and a temp dir whose writer has not shown a "
+        "sign of life for this long is removed. The disk tier may exceed its bound by what was used "
+        "within this window."
+    )
     api_key: str | None = Field(
         None, description="If set, every /v1 request needs `Authorization: Bearer <key>`."
     )

@@ -50,10 +50,12 @@ class Hooks:
         self.evicted.append(entry.key)
 
 
-def make_cache(path, hooks=None, memory_bytes=10**9, disk_bytes=10**9) -> CompositionCache:
+def make_cache(path, hooks=None, memory_bytes=10**9, disk_bytes=10**9, disk_grace_s=0.0) -> CompositionCache:
+    """A cache alone on its directory by default: no grace period, entries evictable at once."""
     hooks = hooks or Hooks()
     return CompositionCache(
-        path, memory_bytes=memory_bytes, disk_bytes=disk_bytes, on_admit=hooks.admit, on_evict=hooks.evict
+        path, memory_bytes=memory_bytes, disk_bytes=disk_bytes, disk_grace_s=disk_grace_s,
+        on_admit=hooks.admit, on_evict=hooks.evict,
     )
 
 

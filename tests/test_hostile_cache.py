@@ -21,6 +21,7 @@ from test_cache import MergeBuilder, key_of, make_cache
 import merging
 from server.app import create_app
 from server.cache import INFO_NAME
+from server.disk_tier import HOST_ID
 from server.engines.local import LocalEngine
 from server.settings import Settings
 
@@ -271,12 +272,12 @@ def test_leftovers_of_a_killed_writer_are_not_served_and_are_removed(skills_dir,
     complete = asyncio.run(make_cache(tmp_path / "donor").acquire(key_of("a"), build)).path
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
-    killed = cache_dir / f".tmp-{key_of('a')[:16]}-{_dead_pid()}-0badc0de"  # all files, never renamed
+    killed = cache_dir / f".tmp-{key_of('a')[:16]}-{HOST_ID}-{_dead_pid()}-0badc0de"  # all files, never renamed
     shutil.copytree(complete, killed)
     partial = cache_dir / key_of("b")  # a directory with some of an entry's files
     partial.mkdir()
     shutil.copy(complete / "adapter_model.safetensors", partial)
-    live = cache_dir / f".tmp-{key_of('c')[:16]}-{os.getppid()}-0badc0de"  # another live server's
+    live = cache_dir / f".tmp-{key_of('c')[:16]}-{HOST_ID}-{os.getppid()}-0badc0de"  # another live server's
     live.mkdir()
     cache = make_cache(cache_dir)
     assert cache.keys() == [] and cache.peek(key_of("a")) is None
