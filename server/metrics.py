@@ -3,7 +3,7 @@ metric families, e.g. vLLM's, appear on the same /metrics page)."""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _MERGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -57,9 +57,43 @@ ENGINE_ADAPTER_LOADS = Counter("loramix_engine_adapter_loads", "Adapters registe
 ENGINE_ADAPTER_REMOVALS = Counter("loramix_engine_adapter_removals", "Adapters removed from the engine.")
 
 
+NUM_REQUESTS_RUNNING = Gauge(
+    "loramix_num_requests_running",
+    "Sequences the engine is decoding (under vLLM: vLLM's own vllm:num_requests_running).",
+)
+NUM_REQUESTS_WAITING = Gauge(
+    "loramix_num_requests_waiting",
+    "Sequences waiting for a place in the engine's batch (under vLLM: vllm:num_requests_waiting).",
+)
+# vLLM's adapter metric, for engines that do not export it themselves (the local engine), in
+# a registry of its own: vLLM registers the same name in the default registry.
+LORA_REGISTRY = CollectorRegistry()
+LORA_REQUESTS_INFO = Gauge(
+    "vllm:lora_requests_info", "Running stats on lora requests.",
+    ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=LORA_REGISTRY,
+)
+
+
+def observe_engine(engine) -> None:
+    """Read the engine's request counts and adapters into the gauges (at scrape time).
+
+    vllm:lora_requests_info is one series, labelled with the composition keys of running and
+    waiting sequences, whose value is the time it was read, as vLLM sets it."""
+    running, waiting = engine.request_counts()
+    NUM_REQUESTS_RUNNING.set(running)
+    NUM_REQUESTS_WAITING.set(waiting)
+    LORA_REQUESTS_INFO.clear()
+    info = engine.lora_requests_info()
+    if info is not None:
+        running_names, waiting_names, max_loras = info
+        LORA_REQUESTS_INFO.labels(max_lora=str(max_loras), waiting_lora_adapters=",".join(waiting_names),
+                                  running_lora_adapters=",".join(running_names)).set_to_current_time()
+
+
 def render() -> tuple[bytes, str]:
-    """The exposition text of the default registry and its content type."""
-    return generate_latest(), CONTENT_TYPE_LATEST
+    """The exposition text of the default registry (and of vLLM's adapter metric when
+    loramix exports it) and its content type."""
+    return generate_latest() + generate_latest(LORA_REGISTRY), CONTENT_TYPE_LATEST
 
 
 def endpoint_label(scope: dict) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -104,6 +104,26 @@ class SamplingFields(LenientModel):
     user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
     composition: CompositionRequest | None = None
+    # ---- penalties and vLLM's sampling extensions (vLLM's names, ranges and meanings; None
+    # is vLLM's default: off). Their semantics are in server.engines.base.SamplingOptions.
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted once from the logit of every token already in the output.")
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from a token's logit once per time it is in the output.")
+    repetition_penalty: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="vLLM extension: logits of tokens in prompt or output are divided (if positive) or "
+        "multiplied (if negative) by it; 1 is off.")
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension: keep the k likeliest tokens; 0 or -1 is off.")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="vLLM extension: drop tokens less likely than min_p times the likeliest.")
+    min_tokens: int = Field(
+        0, ge=0, description="vLLM extension: no EOS, stop token or stop string before this many output tokens.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=256, description="vLLM extension: token ids that end the sequence like EOS.")
+    include_stop_str_in_output: bool = Field(
+        False, description="vLLM extension: keep the stop string or stop token's text in the output.")
+    skip_special_tokens: bool = Field(True, description="vLLM extension: leave special tokens out of the text.")
 
     @field_validator("stop")
     @classmethod
@@ -127,8 +147,10 @@ class SamplingFields(LenientModel):
         )
 
 
-# OpenAI fields loramix does not implement, with the values that mean "not used". Other
-# unknown fields are ignored; these change the answer's meaning, so they are refused.
+# OpenAI and vLLM request fields loramix does not implement, with the values that mean "not
+# used". Set to anything else they would change the answer, so they are refused (400 naming
+# the field). Fields in IGNORED_FIELDS are accepted and ignored; any other unknown field is
+# logged and ignored, so clients that send fields newer than this list keep working.
 _UNSUPPORTED: dict[str, tuple] = {
     "echo": (None, False),
     "logprobs": (None, False, 0),
@@ -137,8 +159,49 @@ _UNSUPPORTED: dict[str, tuple] = {
     "suffix": (None, ""),
     "tools": (None, []),
     "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    # vLLM's extensions
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "prompt_logprobs": (None,),
+    "truncate_prompt_tokens": (None,),
+    "spaces_between_special_tokens": (None, True),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "logits_processors": (None, []),
+    "vllm_xargs": (None, {}),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "documents": (None, []),
+}
+
+# Request fields accepted and ignored, and why ignoring them cannot change an answer.
+IGNORED_FIELDS: dict[str, str] = {
+    "user": "an end-user id for the caller's own abuse tracking",
+    "metadata": "labels for OpenAI's stored completions; nothing is stored",
+    "store": "OpenAI's stored completions; nothing is stored",
+    "service_tier": "OpenAI's billing tiers; there is one tier",
+    "prompt_cache_key": "a routing hint for OpenAI's prompt cache",
+    "safety_identifier": "an end-user id for the caller's own abuse tracking",
+    "parallel_tool_calls": "meaningful only with tools, which are refused",
+    "priority": "vLLM's priority scheduling, off in vLLM by default; loramix schedules first come, first served",
+    "cache_salt": "vLLM's prefix-cache isolation; loramix shares no prefix cache between requests",
 }
 
 

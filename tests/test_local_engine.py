@@ -268,7 +268,7 @@ def test_client_errors_and_health(tiny_base, prompts):
 
     codes, health = run_engine(tiny_base, scenario)
     assert codes == [(400, "invalid_request_error", "prompt"),
-                     (400, "context_length_exceeded", "messages"),
+                     (400, "context_length_exceeded", "prompt"),
                      (400, "invalid_request_error", "prompt"),
                      (400, "invalid_request_error", "max_tokens")]
     assert health["engine"] == "local" and health["num_running"] == health["num_waiting"] == 0

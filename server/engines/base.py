@@ -31,7 +31,16 @@ class AdapterHandle:
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Per-request sampling settings (OpenAI semantics). temperature 0 means greedy."""
+    """Per-request sampling settings (OpenAI semantics). temperature 0 means greedy.
+
+    The second block holds vLLM's sampling extensions, with vLLM's names, defaults (all
+    "off") and meanings: presence and frequency penalties count the output tokens only;
+    repetition_penalty scales the logits of every token seen in prompt or output (positive
+    ones divided, negative ones multiplied); top_k 0 or -1 keeps every token; min_p drops
+    tokens whose probability is below min_p times the top token's; min_tokens forbids EOS
+    and stop_token_ids (and stop strings) before that many output tokens; a stop token id
+    ends the sequence like EOS; the text of a stop token or stop string is left out unless
+    include_stop_str_in_output."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -39,6 +48,20 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # vLLM's sampling extensions
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass
@@ -101,6 +124,8 @@ class Engine(abc.ABC):
     """
 
     name: str = "engine"
+    # Longest context (prompt + output) in tokens, known once started; None: no limit.
+    max_model_len: int | None = None
 
     @property
     @abc.abstractmethod
@@ -133,3 +158,12 @@ class Engine(abc.ABC):
     def health(self) -> dict:
         """A small JSON-able status dict (engine name, loaded adapters, queue length...)."""
         return {"engine": self.name}
+
+    def request_counts(self) -> tuple[int, int]:
+        """(running, waiting): sequences being decoded, and sequences queued for a batch."""
+        return 0, 0
+
+    def lora_requests_info(self) -> tuple[list[str], list[str], int] | None:
+        """(running adapter names, waiting adapter names, max_loras) for vLLM's
+        `vllm:lora_requests_info` metric, or None when the engine exports it itself."""
+        return None

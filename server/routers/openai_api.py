@@ -1,4 +1,4 @@
-"""OpenAI endpoints: /v1/models, /v1/chat/completions, /v1/completions."""
+"""OpenAI endpoints: /v1/models, /v1/models/{model}, /v1/chat/completions, /v1/completions."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
 )
 from server.serving.completions import CompletionService
 from server.serving.disconnect import cancel_on_disconnect
-from server.serving.models import list_models
+from server.serving.models import list_models, retrieve_model
 from server.state import ServerState, get_state
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -45,6 +46,13 @@ def _generation_responses(model: type) -> dict:
 async def models(state: ServerState = Depends(get_state)) -> ModelList:
     await state.composer.refresh_skills()
     return list_models(state)
+
+
+@router.get("/models/{model:path}", response_model=ModelCard,
+            responses=error_responses(400, 401, 404, 500))
+async def model(model: str, state: ServerState = Depends(get_state)) -> ModelCard:
+    await state.composer.refresh_skills()
+    return retrieve_model(state, model)
 
 
 @router.post("/chat/completions", response_model=None, responses=_generation_responses(ChatCompletionResponse))

@@ -32,6 +32,7 @@ async def health(request: Request, state: ServerState = Depends(get_state)) -> H
     200: {"description": "Prometheus text exposition format (text/plain; version=...)."},
     **error_responses(500),
 })
-async def prometheus_metrics() -> PlainTextResponse:
+async def prometheus_metrics(state: ServerState = Depends(get_state)) -> PlainTextResponse:
+    metrics.observe_engine(state.engine)
     body, content_type = metrics.render()
     return PlainTextResponse(body, media_type=content_type)

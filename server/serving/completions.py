@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -16,8 +17,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import metrics
 from server.composer import Resolved
-from server.engines.base import AdapterHandle, SamplingOptions
-from server.errors import from_exception, invalid_request
+from server.engines.base import AdapterHandle, EngineRequestError, SamplingOptions
+from server.errors import LoramixError, from_exception, invalid_request
 from server.limits import check_num_sequences
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
 from server.serving.generation import (
@@ -36,21 +37,58 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+# SamplingOptions fields a request carries under the same name (None: the option's default).
+_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingOptions)
+                         if f.name in SamplingFields.model_fields)
+
+
+def sampling_options(request: SamplingFields, max_tokens: int, choice: int = 0) -> SamplingOptions:
+    """The engine's options for one choice of `request` (choice j draws with seed + j)."""
+    values = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
+    values.update(
+        max_tokens=max_tokens,
+        seed=None if request.seed is None else request.seed + choice,
+        stop=request.stop_strings(),
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+    )
+    return SamplingOptions(**values)
+
+
 def _jobs(prompts: list[list[int]], request: SamplingFields, max_tokens: int) -> list[SequenceJob]:
     """One job per (prompt, n); choice index = prompt index * n + j, as OpenAI numbers them."""
     jobs = []
     for prompt_index, prompt_ids in enumerate(prompts):
         for j in range(request.n):
-            sampling = SamplingOptions(
-                max_tokens=max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=None if request.seed is None else request.seed + j,
-                stop=request.stop_strings(),
-                ignore_eos=request.ignore_eos,
-            )
+            sampling = sampling_options(request, max_tokens, j)
             jobs.append(SequenceJob(prompt_index * request.n + j, prompt_ids, sampling))
     return jobs
+
+
+def check_output_budget(request: SamplingFields, prompts: list[list[int]], max_tokens: int,
+                        max_model_len: int | None, budget_param: str | None) -> None:
+    """As vLLM's server: an explicit output budget must fit the context with every prompt
+    (400 context_length_exceeded, not a silent clamp; without one, generation stops at the
+    context's end), and min_tokens may not exceed it. budget_param: the field that set
+    max_tokens, None if it is the default."""
+    if request.min_tokens > max_tokens:
+        raise invalid_request(f"min_tokens ({request.min_tokens}) must be at most max_tokens ({max_tokens}).",
+                              "min_tokens")
+    if budget_param is None or max_model_len is None:
+        return
+    longest = max(len(p) for p in prompts)
+    if longest < max_model_len and longest + max_tokens > max_model_len:  # longer prompts: the engine's 400
+        raise LoramixError(
+            400, "context_length_exceeded",
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the completion). "
+            f"Please reduce the prompt or {budget_param}.", param=budget_param)
+
+
+def _endpoint_error(exc: BaseException, shape: EndpointShape) -> BaseException:
+    """An engine's complaint about the prompt names the endpoint's prompt field."""
+    if isinstance(exc, EngineRequestError) and exc.param == "prompt":
+        return LoramixError(400, exc.code, exc.message, param=shape.prompt_param)
+    return exc
 
 
 def _usage(prompts: list[list[int]], results: list[SequenceResult]) -> Usage:
@@ -87,6 +125,9 @@ class CompletionService:
         # stall every other request.
         prompts = [await asyncio.to_thread(self.state.encoder.chat, request.messages)]
         max_tokens = request.output_budget() or self.state.settings.default_max_tokens
+        budget_param = ("max_completion_tokens" if request.max_completion_tokens
+                        else "max_tokens" if request.max_tokens else None)
+        check_output_budget(request, prompts, max_tokens, self.state.engine.max_model_len, budget_param)
         return await self._run(CHAT, request, resolved, prompts, max_tokens, started)
 
     async def completion(self, request: CompletionRequest) -> Response:
@@ -96,6 +137,8 @@ class CompletionService:
         encode = self.state.encoder.text
         prompts = await asyncio.to_thread(lambda: [encode(p) for p in request.prompts()])
         max_tokens = request.output_budget() or 16
+        budget_param = "max_tokens" if request.max_tokens else None
+        check_output_budget(request, prompts, max_tokens, self.state.engine.max_model_len, budget_param)
         return await self._run(COMPLETIONS, request, resolved, prompts, max_tokens, started)
 
     async def _resolve(self, request: SamplingFields) -> Resolved:
@@ -124,7 +167,10 @@ class CompletionService:
 
     async def _complete(self, gen: Generation) -> dict:
         async with gen.adapter_pin:
-            results = await collect_sequences(self.state.engine, gen.request_id, gen.jobs, gen.handle)
+            try:
+                results = await collect_sequences(self.state.engine, gen.request_id, gen.jobs, gen.handle)
+            except EngineRequestError as exc:
+                raise _endpoint_error(exc, gen.shape) from exc
         count_tokens(results)
         body = gen.shape.respond(gen.request_id, int(time.time()), gen.resolved.model_name, results,
                                  _usage(gen.prompts, results))
@@ -149,7 +195,7 @@ class CompletionService:
             if include_usage:
                 yield _sse(chunk(gen.request_id, -1, _usage(gen.prompts, ordered), created, model))
         except Exception as exc:  # noqa: BLE001 - every failure becomes an in-stream error event
-            err = from_exception(exc)
+            err = from_exception(_endpoint_error(exc, gen.shape))
             metrics.ERRORS.labels(endpoint=gen.shape.path, code=err.code).inc()
             yield _sse(json.dumps(err.envelope()))
         yield _sse("[DONE]")

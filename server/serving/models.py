@@ -1,4 +1,4 @@
-"""GET /v1/models: the base model (with the skills that are not usable and why), every usable
+"""GET /v1/models and GET /v1/models/{model}: the base model (with the skills that are not usable and why), every usable
 skill, named compositions and cached compositions."""
 
 from __future__ import annotations
@@ -37,3 +37,17 @@ def list_models(state: ServerState) -> ModelList:
             loramix={"kind": "composition", "key": key, "rank": info.get("rank"), "tier": composer.cache.tier(key)},
         ))
     return ModelList(data=cards)
+
+
+def retrieve_model(state: ServerState, model: str) -> ModelCard:
+    """The card of one model: a listed one (base, skill, named or cached composition), or any
+    composition string the server can serve (its card says it is not merged yet). Unknown
+    skills are 404 model_not_found; a malformed composition string is 400 invalid_composition."""
+    for card in list_models(state).data:
+        if card.id == model:
+            return card
+    resolved = state.composer.resolve(model)
+    return ModelCard(
+        id=model, created=int(state.started), root=state.base_name, parent=state.base_name,
+        loramix={"kind": "composition", "composition": resolved.spec.model_string(), "cached": False},
+    )

@@ -32,6 +32,7 @@ class EndpointShape:
     id_prefix: str
     respond: Callable[[str, int, str, list[SequenceResult], Usage], object]
     chunk: Callable[[str, int, ChunkItem, int, str], str | None]
+    prompt_param: str  # the request field that holds the prompt, for errors about it
 
 
 def chat_response(request_id: str, created: int, model: str, results: list[SequenceResult], usage: Usage):
@@ -69,5 +70,5 @@ def completion_chunk(request_id: str, index: int, item: ChunkItem, created: int,
     return chunk.model_dump_json(exclude={"usage"})
 
 
-CHAT = EndpointShape("/v1/chat/completions", "chatcmpl", chat_response, chat_chunk)
-COMPLETIONS = EndpointShape("/v1/completions", "cmpl", completion_response, completion_chunk)
+CHAT = EndpointShape("/v1/chat/completions", "chatcmpl", chat_response, chat_chunk, "messages")
+COMPLETIONS = EndpointShape("/v1/completions", "cmpl", completion_response, completion_chunk, "prompt")

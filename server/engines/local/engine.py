@@ -242,11 +242,14 @@ class LocalEngine(Engine):
             raise _bad_request(
                 "context_length_exceeded",
                 f"The prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
-                f"length is {self.max_model_len} tokens, including the output.", "messages")
+                f"length is {self.max_model_len} tokens, including the output.", "prompt")
         vocab_size = self._vocab_size
         if any(not 0 <= t < vocab_size for t in prompt_token_ids):
             raise _bad_request("invalid_request_error",
                                f"Prompt token ids must lie in [0, {vocab_size}).", "prompt")
+        if any(not 0 <= t < vocab_size for t in sampling.stop_token_ids):
+            raise _bad_request("invalid_request_error",
+                               f"Stop token ids must lie in [0, {vocab_size}).", "stop_token_ids")
         if sampling.max_tokens < 1:
             raise _bad_request("invalid_request_error", "max_tokens must be at least 1.",
                                "max_tokens")
@@ -293,9 +296,24 @@ class LocalEngine(Engine):
                 seq.emit_abort()
         self._waiting = [s for s in self._waiting if not s.is_aborted]
 
+    def request_counts(self) -> tuple[int, int]:
+        """(sequences in the batch, sequences waiting to be admitted)."""
+        runner = self._runner
+        running = sum(not s.is_done for s in runner.rows) if runner else 0
+        return running, sum(not (s.is_admitted or s.is_done) for s in self._waiting)
+
+    def lora_requests_info(self) -> tuple[list[str], list[str], int]:
+        """Adapter names (composition keys) of running and waiting sequences, and max_loras,
+        for vLLM's `vllm:lora_requests_info` metric."""
+        runner = self._runner
+        rows = [s for s in runner.rows if not s.is_done] if runner else []
+        waiting = [s for s in self._waiting if not (s.is_admitted or s.is_done)]
+        return _adapter_names(rows), _adapter_names(waiting), self.max_loras
+
     def health(self) -> dict:
         """Engine name, device, resident adapters (name -> slot), running and waiting counts."""
         runner = self._runner
+        num_running, num_waiting = self.request_counts()
         return {
             "engine": self.name,
             "running": self._task is not None,
@@ -310,8 +328,8 @@ class LocalEngine(Engine):
                 runner, StaticModelRunner) else 0,
             "loaded_adapters": self._slots.resident() if self._slots else {},
             "adapter_loads": self._slots.num_loads if self._slots else 0,
-            "num_running": sum(not s.is_done for s in runner.rows) if runner else 0,
-            "num_waiting": sum(not (s.is_admitted or s.is_done) for s in self._waiting),
+            "num_running": num_running,
+            "num_waiting": num_waiting,
             "num_forward_passes": runner.num_forward_passes if runner else 0,
             "max_adapters_per_pass": runner.max_adapters_per_pass if runner else 0,
         }
@@ -328,6 +346,11 @@ def static_kv_bytes(config, max_rows: int, max_len: int, element_size: int) -> i
     if not (layers and kv_heads and head_dim):
         return None
     return 2 * layers * max_rows * max_len * kv_heads * head_dim * element_size
+
+
+def _adapter_names(seqs: list[Sequence]) -> list[str]:
+    """The distinct adapter names of `seqs`, sorted (the base model has none)."""
+    return sorted({s.adapter.name for s in seqs if s.adapter is not None})
 
 
 def _bad_request(code: str, message: str, param: str) -> Exception:

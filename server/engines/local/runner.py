@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from server.engines.base import EngineError
 from server.engines.local.lora_layers import LoraBatchContext
+from server.engines.local.sampling import sample_rows
 from server.engines.local.sequence import Sequence
 from server.engines.local.slots import AdapterSlots
 from server.engines.local.static_decode import StaticDecoder
@@ -138,16 +139,18 @@ class ModelRunner:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         # logits: [len(seqs), vocab] float32 on CPU
-        greedy = logits.argmax(dim=-1).tolist()
-        is_finite = torch.isfinite(logits).all(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            if seq.is_done:
-                continue
+        live = [i for i, seq in enumerate(seqs) if not seq.is_done]
+        seqs = [seqs[i] for i in live]
+        try:
+            tokens = sample_rows([s.sampler for s in seqs], logits[live],
+                                 [s.prompt_token_ids for s in seqs],
+                                 [s.output_token_ids for s in seqs])
+        except Exception as exc:  # noqa: BLE001 - a sampling bug fails these rows, not the batch
+            tokens = [exc] * len(seqs)
+        for seq, token in zip(seqs, tokens):
             try:
-                if seq.sampler.is_greedy and is_finite[i]:
-                    token = greedy[i]
-                else:  # the sampler raises on non-finite logits
-                    token = seq.sampler.sample(logits[i])
+                if isinstance(token, BaseException):
+                    raise token
                 seq.append_token(token)
             except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
                 self._fail_one(seq, exc)

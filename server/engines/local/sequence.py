@@ -29,9 +29,11 @@ class Sequence:
     is_aborted: bool = False
 
     def __post_init__(self) -> None:
-        self.sampler = TokenSampler(self.sampling)
-        self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids)
-        self.stop_checker = StopChecker(self.sampling.stop)
+        sampling = self.sampling
+        self.sampler = TokenSampler(sampling, self.eos_token_ids)
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids,
+                                                  sampling.skip_special_tokens)
+        self.stop_checker = StopChecker(sampling.stop, sampling.include_stop_str_in_output)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -50,8 +52,13 @@ class Sequence:
         """Record a sampled token, decide whether the request is finished, emit the delta."""
         self.output_token_ids.append(token_id)
         finish_reason = self._finish_reason(token_id)
-        text = self.detokenizer.add(token_id, final=finish_reason is not None)
-        text, hit_stop = self.stop_checker.feed(text, final=finish_reason is not None)
+        is_final = finish_reason is not None
+        if self._is_stop_token(token_id) and not self.sampling.include_stop_str_in_output:
+            text = self.detokenizer.flush()  # as vLLM: the stop token's text is left out
+        else:
+            text = self.detokenizer.add(token_id, final=is_final)
+        past_min_tokens = len(self.output_token_ids) > self.sampling.min_tokens
+        text, hit_stop = self.stop_checker.feed(text, final=is_final, search=past_min_tokens)
         if hit_stop:
             finish_reason = "stop"
         self.is_finished = finish_reason is not None
@@ -63,8 +70,12 @@ class Sequence:
             num_output_tokens=len(self.output_token_ids),
         ))
 
+    def _is_stop_token(self, token_id: int) -> bool:
+        return ((token_id in self.eos_token_ids and not self.sampling.ignore_eos)
+                or token_id in self.sampling.stop_token_ids)
+
     def _finish_reason(self, token_id: int) -> str | None:
-        if token_id in self.eos_token_ids and not self.sampling.ignore_eos:
+        if self._is_stop_token(token_id):
             return "stop"
         if len(self.output_token_ids) >= self.sampling.max_tokens:
             return "length"

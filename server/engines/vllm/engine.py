@@ -216,12 +216,31 @@ class VllmEngine(Engine):
             "max_model_len": self.max_model_len,
         }
 
+    def request_counts(self) -> tuple[int, int]:
+        """(running, waiting) as vLLM's own gauges last reported them; without them, every
+        unfinished request counts as running."""
+        counts = _scheduler_request_counts()
+        return counts if counts is not None else (self._num_running(), 0)
 
     def _num_running(self) -> int:
         if self._llm is None:
             return 0
         count = compat.num_unfinished_requests(self._llm)
         return self._num_streams if count is None else count
+
+
+def _scheduler_request_counts() -> tuple[int, int] | None:
+    """(running, waiting) from vLLM's `vllm:num_requests_running` / `_waiting` gauges in the
+    default Prometheus registry (summed over engines), or None if vLLM registered none."""
+    from prometheus_client import REGISTRY
+
+    totals: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+            totals[family.name] = sum(sample.value for sample in family.samples)
+    if not totals:
+        return None
+    return int(totals.get("vllm:num_requests_running", 0)), int(totals.get("vllm:num_requests_waiting", 0))
 
 
 def _lora_request(handle: AdapterHandle) -> LoRARequest:
@@ -244,6 +263,15 @@ def _sampling_params(sampling: SamplingOptions) -> SamplingParams:
         seed=sampling.seed,
         stop=list(sampling.stop) or None,
         ignore_eos=sampling.ignore_eos,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        min_tokens=sampling.min_tokens,
+        stop_token_ids=list(sampling.stop_token_ids) or None,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
+        skip_special_tokens=sampling.skip_special_tokens,
         output_kind=RequestOutputKind.DELTA,
     )
 
@@ -262,7 +290,7 @@ def _check_request(prompt_token_ids: list[int], sampling: SamplingOptions, max_m
             "context_length_exceeded",
             f"The prompt has {len(prompt_token_ids)} tokens; this model's maximum context "
             f"length is {max_model_len} tokens, including the output.",
-            "messages",
+            "prompt",
         )
     if sampling.max_tokens < 1:
         raise _bad_request("invalid_request_error", "max_tokens must be at least 1.", "max_tokens")
