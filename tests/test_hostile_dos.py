@@ -193,7 +193,8 @@ def test_health_answers_while_a_large_prompt_is_tokenized(tiny_base, skills_dir,
             assert not finished.is_set()  # answered while the tokenization was still in flight
             release.set()
             response = await request
-        check_envelope(response, 400, "invalid_request_error", "context_length_exceeded", "messages")
+        prompt_param = "prompt" if endpoint == "/v1/completions" else "messages"
+        check_envelope(response, 400, "invalid_request_error", "context_length_exceeded", prompt_param)
 
     try:
         asyncio.run(run())

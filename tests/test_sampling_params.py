@@ -313,3 +313,9 @@ def test_every_option_reaches_vllms_sampling_params():
     assert params.include_stop_str_in_output and not params.skip_special_tokens and params.ignore_eos
     defaults = _sampling_params(sampling_options(CompletionRequest(model="m", prompt="x"), max_tokens=4))
     assert (defaults.presence_penalty, defaults.repetition_penalty, defaults.top_k, defaults.min_p) == (0, 1, 0, 0)
+
+
+def test_a_tiny_repetition_penalty_keeps_the_distribution_defined():
+    logits = torch.tensor([3.0e38, 1.0, -2.0, 0.5])
+    sampler = TokenSampler(SamplingOptions(temperature=1.0, seed=0, repetition_penalty=1e-30))
+    assert sampler.sample(logits, prompt_token_ids=[0, 1]) == 0

@@ -151,7 +151,7 @@ def test_errors_use_the_openai_envelope(server, client):
     check_envelope(caught.value, "invalid_composition", "model")
     with pytest.raises(openai.BadRequestError) as caught:
         complete(client, "math", prompt="x " * 2000)
-    check_envelope(caught.value, "context_length_exceeded", "messages")
+    check_envelope(caught.value, "context_length_exceeded", "prompt")
     bad_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as caught:
         bad_key.models.list()

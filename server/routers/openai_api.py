@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
 
 from server.auth import require_api_key
 from server.openapi import GENERATION_ERRORS, V1_ERRORS, error_responses
@@ -48,9 +50,14 @@ async def models(state: ServerState = Depends(get_state)) -> ModelList:
     return list_models(state)
 
 
+ModelId = Annotated[str, Path(
+    description="The base model, a skill, a named composition, or a composition string.", examples=["math+code"]
+)]
+
+
 @router.get("/models/{model:path}", response_model=ModelCard,
             responses=error_responses(400, 401, 404, 500))
-async def model(model: str, state: ServerState = Depends(get_state)) -> ModelCard:
+async def model(model: ModelId, state: ServerState = Depends(get_state)) -> ModelCard:
     await state.composer.refresh_skills()
     return retrieve_model(state, model)
 

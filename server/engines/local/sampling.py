@@ -73,6 +73,9 @@ def sample_rows(samplers: list[TokenSampler], logits: torch.Tensor, prompt_token
     samplers = [samplers[i] for i in live]
     _suppress_early_stops(rows, samplers, [output_token_ids[i] for i in live])
     _penalize(rows, samplers, [prompt_token_ids[i] for i in live], [output_token_ids[i] for i in live])
+    # A tiny repetition_penalty can push a logit past float32's range: the largest finite value
+    # keeps its rank (several such tokens tie) and the softmax defined.
+    rows.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(rows.dtype).max)
     greedy = rows.argmax(dim=-1).tolist()
     drawn = _draw(rows, samplers)
     for j, i in enumerate(live):
