@@ -142,6 +142,21 @@ def test_rank_over_max_lora_rank_is_compressed_before_vllm_sees_it(server, clien
     assert complete(client, "math+lookup").choices[0].finish_reason in ("stop", "length")
 
 
+def test_vllm_sampling_extensions_reach_vllm(client):
+    """top_k=1 at temperature 1 is greedy; a huge repetition penalty changes the greedy text;
+    min_tokens = max_tokens allows no early EOS (vLLM's semantics, through loramix's vLLM engine)."""
+    greedy = complete(client, "math", max_tokens=12, extra_body={"ignore_eos": True}).choices[0].text
+    top1 = complete(client, "math", max_tokens=12, temperature=1.0, seed=5, extra_body={"ignore_eos": True, "top_k": 1})
+    assert top1.choices[0].text == greedy
+    penalized = complete(client, "math", max_tokens=12, extra_body={"ignore_eos": True, "repetition_penalty": 100.0})
+    assert penalized.choices[0].text != greedy
+    held = complete(client, "math", max_tokens=6, extra_body={"min_tokens": 6})  # no EOS before 6 tokens
+    assert held.usage.completion_tokens == 6
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(client, "math", extra_body={"min_p": 2})
+    assert caught.value.body["param"] == "min_p"
+
+
 def test_errors_use_the_openai_envelope(server, client):
     with pytest.raises(openai.NotFoundError) as caught:
         chat(client, "nosuchskill")
