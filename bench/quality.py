@@ -9,10 +9,10 @@ trained on the merged skills' mixed data, `lab/assets/baselines/mix-<a>-<b>...`,
 merged skill's test set, plus the composite reverse_upper ("reverse upper: abc =>" -> " CBA",
 never trained) wherever reverse and upper are both merged. CPU, float32, greedy.
 
-    python bench/quality.py --quick                  # 40 examples per task
-    python bench/quality.py --json bench/results/quality_cpu.json   # 200 per task, all rows
-    python bench/quality.py --quick --only sort+add  # rows whose "merge | method" has the text
-    python bench/quality.py --render bench/results/quality_cpu.json # table of a saved run
+    python -m bench.quality --quick                  # 40 examples per task
+    python -m bench.quality --json bench/results/quality_cpu.json   # 200 per task, all rows
+    python -m bench.quality --quick --only sort+add  # rows whose "merge | method" has the text
+    python -m bench.quality --render bench/results/quality_cpu.json # table of a saved run
 
 The base model is wrapped by peft once, with one LoRA slot per projection; each row's adapter
 (scaling folded in, zero-padded to the slot's rank) is written into the slots, so no row reloads
@@ -32,13 +32,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lab.compose import ASSETS, load_base  # noqa: E402
-from lab.evaluate import score  # noqa: E402
-from lab.data import mix_name, mixed_examples  # noqa: E402
-from lab.world import heldout_set  # noqa: E402
-from merging import AdapterError, LoraAdapter, load_adapter, merge, tune_cat  # noqa: E402
+from lab.compose import ASSETS, load_base
+from lab.data import mix_name, mixed_examples
+from lab.evaluate import score
+from lab.learned_cat import tune_cat
+from lab.world import heldout_set
+from merging import AdapterError, LoraAdapter, load_adapter, merge
 
 SKILLS = ("reverse", "upper", "sort", "add")
 COMPOSITE = "reverse_upper"

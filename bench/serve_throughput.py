@@ -7,9 +7,9 @@ concurrency. Compositions are named in the `model` field (`--lora-modules`, assi
 round-robin), exactly as any OpenAI client would name them. Every composition is merged and
 registered before its run (one warm-up request each), so the numbers are serving, not merging.
 
-    python bench/serve_throughput.py            # full: 64 requests per run
-    python bench/serve_throughput.py --quick    # 16 requests per run
-    python bench/serve_throughput.py --engines vllm --no-baseline
+    python -m bench.serve_throughput            # full: 64 requests per run
+    python -m bench.serve_throughput --quick    # 16 requests per run
+    python -m bench.serve_throughput --engines vllm --no-baseline
 
 Prints one markdown table (and writes it to --out if given). Needs vLLM installed (it is the
 load client and one of the engines). Loopback only; every server it starts is stopped.
@@ -266,7 +266,7 @@ def main() -> None:
     )
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="loramix-serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    from server.demo import ensure_demo
+    from lab.demo import ensure_demo
 
     demo = ensure_demo(work / "demo", world="tiny")  # the compositions below name its skills
     rows: list[Row] = []

@@ -94,7 +94,7 @@ def build(work: Path, shape: str) -> None:
     import torch
 
     import merging
-    from server.demo import build_tiny_base
+    from lab.demo import build_tiny_base
 
     base, skills = work / "base", work / "skills"
     if not (base / "config.json").exists():

@@ -16,7 +16,6 @@ from merging.errors import (
     MergeFailedError,
     NonFiniteResultError,
 )
-from merging.learned_cat import TuneResult, tune_cat
 from merging.merge import MergeResult, check_compatible, compress, merge
 from merging.registry import MERGE_ALGORITHM_VERSION, METHODS, MethodSpec, OptionSpec, get_method, validate_options
 
@@ -34,7 +33,6 @@ __all__ = [
     "MethodSpec",
     "NonFiniteResultError",
     "OptionSpec",
-    "TuneResult",
     "adapter_digest",
     "check_compatible",
     "compress",
@@ -42,6 +40,5 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
-    "tune_cat",
     "validate_options",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -18,6 +17,7 @@ from server.errors import register_exception_handlers
 from server.limits import RequestBodyLimitMiddleware
 from server.merge_pool import MergePool
 from server.metrics import RequestMetricsMiddleware
+from server.model_paths import resolve_model_paths
 from server.named import NamedCompositions
 from server.routers import compositions, openai_api, ops
 from server.settings import Settings
@@ -26,20 +26,6 @@ from server.state import ServerState
 from server.tokenization import PromptEncoder
 
 logger = logging.getLogger("loramix.app")
-
-DEMO_MODEL_NAME = "loramix-demo"
-
-
-def resolve_model_paths(settings: Settings) -> tuple[Path, Path | None, str]:
-    """(base model dir, skills dir, served name). With no base model, the demo is built."""
-    if settings.base_model is None:
-        from server.demo import ensure_demo
-
-        demo = ensure_demo(settings.resolved_demo_dir())
-        skills_dir = settings.skills_dir or demo.skills_dir
-        return demo.base_dir, skills_dir, settings.served_model_name or DEMO_MODEL_NAME
-    base_dir = Path(settings.base_model)
-    return base_dir, settings.skills_dir, settings.served_model_name or base_dir.name
 
 
 async def build_state(settings: Settings, engine: Engine | None) -> ServerState:

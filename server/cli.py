@@ -17,7 +17,7 @@ from server.settings import Settings
 
 app = typer.Typer(help="loramix: an OpenAI-compatible server that composes skill LoRA adapters per request.")
 
-# Extra spellings of some flags (the issue's `--skills DIR`).
+# Extra spellings of some flags (`--skills DIR`, as the README writes it).
 _ALIASES = {"skills_dir": ("--skills",)}
 
 
@@ -116,7 +116,7 @@ def tune_cat(
     """Learn one weight per skill per module (LoRA Soups' CAT) on a little data and save the
     result as a named composition the server serves (no restart needed)."""
     import merging
-    from server.tuning import tune_and_save
+    from lab.tune_cat import tune_and_save
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     flags = {"base_model": base_model, "skills_dir": skills_dir, "cache_dir": cache_dir, "demo_dir": demo_dir}

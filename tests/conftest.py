@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from server.demo import DemoPaths, ensure_demo  # noqa: E402
+from lab.demo import DemoPaths, ensure_demo  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

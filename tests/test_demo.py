@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.demo import (
+from lab.demo import (
     DEMO_SKILLS,
     LAB_ASSETS,
     LAB_SKILLS,

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from server_process import ServerProcess
 
 import merging
+from lab.demo import build_skill_adapter, build_tiny_base
 from server.app import create_app
-from server.demo import build_skill_adapter, build_tiny_base
 from server.engines.local import LocalEngine
 from server.errors import LoramixError, from_exception
 from server.settings import Settings

@@ -9,24 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from lora_factories import random_adapter
 
 import merging
+from lab.demo import build_skill_adapter
 from server.app import create_app
-from server.demo import build_skill_adapter
 from server.engines.base import AdapterHandle, NonFiniteOutputError, SamplingOptions
 from server.engines.local import LocalEngine
 from server.engines.local.sampling import TokenSampler
 from server.settings import Settings
-
-sys.path.insert(0, str(Path(__file__).parent))
-from lora_factories import random_adapter  # noqa: E402
 
 BASE = "tiny"
 MAX_LORA_RANK = 32  # above math+code's total rank 16, so both rank bounds can be hit

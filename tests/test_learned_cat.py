@@ -1,4 +1,4 @@
-"""Learned CAT (merging.learned_cat, `loramix tune-cat`): per-module softmax weights, the model
+"""Learned CAT (lab.learned_cat, `loramix tune-cat`): per-module softmax weights, the model
 left as it was, the merged `cat` adapter computing exactly what was trained, training that
 lowers the loss on the skill lab, and the named composition served by a running server."""
 
@@ -15,8 +15,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from merging import IncompatibleAdaptersError, InvalidMergeOptions, load_adapter, merge, tune_cat
-from merging.learned_cat import _unwrap, _wrap
+from lab.learned_cat import _unwrap, _wrap, tune_cat
+from merging import IncompatibleAdaptersError, InvalidMergeOptions, load_adapter, merge
 from server_process import ServerProcess
 
 EXAMPLES = [(f"The sum of {a} and {b} is", f" {a + b}") for a in range(6) for b in range(4)]

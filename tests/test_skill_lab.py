@@ -7,18 +7,12 @@ Thresholds come from measurements (below and docs/skill_lab.md), with margin.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# lab/ is a folder of scripts at the repository root, not an installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lab.compose import ASSETS, load_base, with_adapter, with_composition  # noqa: E402
-from lab.evaluate import score  # noqa: E402
-from lab.world import heldout_set  # noqa: E402
-from server.demo import LAB_SKILLS  # noqa: E402
+from lab.compose import ASSETS, load_base, with_adapter, with_composition
+from lab.demo import LAB_SKILLS
+from lab.evaluate import score
+from lab.world import heldout_set
 
 SAMPLE = 24  # held-out examples per task
 # Measured on this sample (CPU): base reverse 0.83, upper 0.88, sort 0.33, add 0.33; each skill

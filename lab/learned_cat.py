@@ -10,8 +10,8 @@ equal weights 1/N, the default `cat`). A few hundred Adam steps on the prompt/co
 pairs minimise the completion's cross-entropy. The softmax keeps each module's weights
 positive and summing to 1: a trial in the skill lab found that skills summed at full strength
 destroy each other. The learned weights are served exactly by `cat` with `module_weights`
-(merging.merge); `loramix tune-cat` (server/tuning.py) saves them as a named composition.
-Imports only torch: `model` is any causal LM called as model(input_ids, attention_mask,
+(merging.merge); `loramix tune-cat` (lab/tune_cat.py) saves them as a named composition.
+Imports only torch and merging: `model` is any causal LM called as model(input_ids, attention_mask,
 labels) -> .loss whose linear layers carry the adapters' module names (transformers).
 
     result = tune_cat(model, tokenizer, adapters, examples, steps=300)

@@ -1,5 +1,6 @@
-"""`loramix tune-cat`: learn CAT's per-module weights (merging.learned_cat) for skills of the
-server's skills directory and save them as a named composition the running server serves."""
+"""`loramix tune-cat`: learn CAT's per-module weights (lab.learned_cat) for skills of the
+server's skills directory and save them as a named composition the running server serves.
+Offline training, so it lives in lab/; the server's CLI imports it only when the command runs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from merging import InvalidMergeOptions, TuneResult, load_adapter, merge, tune_cat
+from lab.learned_cat import TuneResult, tune_cat
+from merging import InvalidMergeOptions, load_adapter, merge
 from server.composition import CompositionSpec, canonical_spec, is_valid_name
+from server.model_paths import resolve_model_paths
 from server.named import NamedCompositions
 from server.protocol import CompositionRequest
 from server.settings import Settings
@@ -61,8 +64,6 @@ def tune_and_save(
     """Learn CAT weights for skills `names` of the server configured by `settings` and save them
     as the named composition `composition_name` (served without a restart)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from server.app import resolve_model_paths
 
     if not is_valid_name(composition_name):
         raise InvalidMergeOptions(

@@ -56,7 +56,7 @@ DEMO_SKILLS = (
 _MARKER = ".loramix-demo-complete"
 _DEMO_VERSION = "1"
 
-LAB_ASSETS = Path(__file__).resolve().parents[1] / "lab" / "assets"
+LAB_ASSETS = Path(__file__).resolve().parent / "assets"
 LAB_SKILLS = ("reverse", "upper", "sort", "add")
 _LAB_VERSION = "lab-1"
 WORLDS = ("lab", "tiny")
