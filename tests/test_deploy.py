@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.optional_deps import missing
 from tests.server_process import REPO_ROOT, ServerProcess, free_port
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -39,10 +39,7 @@ def tool(name: str) -> str:
     path = shutil.which(name, path=str(TOOLS_BIN)) or shutil.which(name)
     if path:
         return path
-    message = f"{name} is not installed (bash deploy/install-tools.sh)"
-    if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
-        pytest.fail(f"{message} but LORAMIX_REQUIRE_ALL=1")
-    pytest.skip(message)
+    missing(f"{name} is not installed (bash deploy/install-tools.sh)")
 
 
 def run(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
@@ -97,10 +94,7 @@ def vllm_series_names() -> set[str]:
     """Metric names vLLM's Prometheus logger declares (read from its source, not imported)."""
     spec = importlib.util.find_spec("vllm")
     if spec is None or not spec.submodule_search_locations:
-        message = "vLLM is not installed: its metric names cannot be checked"
-        if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
-            pytest.fail(f"{message} but LORAMIX_REQUIRE_ALL=1")
-        pytest.skip(message)
+        missing("vLLM is not installed: its metric names cannot be checked")
     source = (Path(spec.submodule_search_locations[0]) / "v1" / "metrics" / "loggers.py").read_text()
     declared = set(re.findall(r'"(vllm:[a-z_]+)"', source))
     return {name + suffix for name in declared for suffix in ("", "_total", "_bucket", "_sum", "_count")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -17,6 +16,7 @@ from kernels import add_lora
 from server.engines.base import AdapterHandle, EngineError
 from server.engines.local.lora_layers import LoraBatchContext, MultiLoraLinear
 from server.engines.local.slots import AdapterSlots
+from tests.optional_deps import require_module
 
 
 def _layer(max_loras=3, max_lora_rank=8):
@@ -61,10 +61,7 @@ def test_triton_path_plans_once_per_batch_and_matches_torch(monkeypatch, engine_
     path, one plan per layer signature, and the batch's meta reused while the slots stay.
     LORAMIX_ENGINE_FUSED=decode forces the one-launch fused kernel at decode sizes."""
     monkeypatch.setenv("LORAMIX_ENGINE_FUSED", engine_fused)
-    if importlib.util.find_spec("triton") is None:
-        if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
-            pytest.fail("triton is not installed but LORAMIX_REQUIRE_ALL=1")
-        pytest.skip("triton is not installed")
+    require_module("triton")
     # CPU tensors under the interpreter; on a GPU host the compiled kernels on CUDA tensors.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layer = _layer().to(device)

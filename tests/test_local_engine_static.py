@@ -4,7 +4,7 @@ The static runner must give exactly the dynamic runner's greedy tokens (fp32 tin
 through everything that moves rows around in its buffers: rows joining with longer prompts
 (shift right), rows leaving (compaction), a context limit that forces trimming, a batch
 smaller than the requests. CUDA-graph capture itself runs on the GPU machine
-(bench/engine_gpu.py checks graph replay against the eager engine token for token). Run on a
+(bench/engine_gpu/ checks graph replay against the eager engine token for token). Run on a
 GPU host, these tests exercise the CUDA-graph decoder itself: `kv_cache="static"` on CUDA
 captures and replays.
 """
@@ -12,8 +12,6 @@ captures and replays.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from server.engines.base import AdapterHandle, EngineError, SamplingOptions
 from server.engines.local import LocalEngine
 from server.engines.local.static_decode import column_bucket, row_buckets
 from server.engines.local.static_kv import StaticKV
+from tests.optional_deps import require_module
 from tests.test_local_engine import (GREEDY, _mixed_requests, collect, handles, hf_greedy,  # noqa: F401
                                      prompts, run_engine, tokenizer)
 
@@ -134,10 +133,7 @@ def test_static_triton_metas_refill_in_place(tiny_base, handles, prompts, monkey
     """On the Triton backend (interpreted on CPU) the static decoder gives each row bucket one
     LoraBatchMeta whose tensors are refilled in place when the rows' slots change, the
     contract its CUDA graphs rely on, and the tokens stay those of the torch backend."""
-    if importlib.util.find_spec("triton") is None:
-        if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
-            pytest.fail("triton is not installed but LORAMIX_REQUIRE_ALL=1")
-        pytest.skip("triton is not installed")
+    require_module("triton")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     sampling = SamplingOptions(max_tokens=3, temperature=0.0)

@@ -9,14 +9,9 @@ sample. CPU, greedy, deterministic: a failure means merging or the lab changed, 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.quality import SKILLS, Row, run  # noqa: E402
+from bench.quality import SKILLS, Row, run
 
 COUNT = 40  # held-out examples per task
 ALL = "+".join(SKILLS)

@@ -5,17 +5,17 @@ Skips only when vLLM is not installed and LORAMIX_REQUIRE_ALL is unset; fails ot
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import openai
 import pytest
 from server_process import ServerProcess
 
+from tests.optional_deps import require_module
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-if importlib.util.find_spec("vllm") is None and os.environ.get("LORAMIX_REQUIRE_ALL") != "1":
-    pytest.skip("vLLM is not installed (set LORAMIX_REQUIRE_ALL=1 to make this a failure)", allow_module_level=True)
+require_module("vllm", module_level=True)
 
 MODELS = ["tiny", "math", "math+code", "math*0.7+code*0.3@lego", "poetry+lookup@svd(rank=8)", "math+lookup"]
 PROMPTS = ["The sum of", "def add"]

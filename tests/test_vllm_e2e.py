@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 
 import httpx
 import pytest
 
-if os.environ.get("LORAMIX_REQUIRE_ALL") != "1":
-    pytest.importorskip("vllm", reason="vLLM is not installed (LORAMIX_REQUIRE_ALL=1 makes this fail)")
+from tests.optional_deps import require_module
+
+require_module("vllm", module_level=True)
 
 import openai  # noqa: E402
 from server_process import ServerProcess  # noqa: E402

@@ -8,13 +8,13 @@ One engine per module (vLLM starts in ~40 s on 2 cores); every check reuses it.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
 
-if os.environ.get("LORAMIX_REQUIRE_ALL") != "1":
-    pytest.importorskip("vllm", reason="vLLM is not installed (LORAMIX_REQUIRE_ALL=1 makes this fail)")
+from tests.optional_deps import require_module
+
+require_module("vllm", module_level=True)
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402

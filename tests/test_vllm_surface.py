@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 from server.engines.vllm import compat
 from server.engines.vllm.options import VllmOptions, engine_args_kwargs
 from tests import vllm_surface
+from tests.optional_deps import require_all
 from tests.vllm_surface import read_surface, surface_0_26_proxy
 
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "server" / "engines" / "vllm"
@@ -38,7 +38,7 @@ def _installed_surface() -> dict | None:
     try:
         import vllm
     except ImportError:
-        if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
+        if require_all():
             raise
         return None
     return read_surface(Path(vllm.__file__).parent)
