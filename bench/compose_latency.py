@@ -13,8 +13,8 @@ The "compose ms" column is the server's own time to resolve the composition and 
 adapter (its Server-Timing header); the rest of the difference to base is the engine
 running the LoRA adapter.
 
-    python bench/compose_latency.py                 # 30 rounds, local engine
-    python bench/compose_latency.py --rounds 50 --method lego --out results.json
+    python -m bench.compose_latency                 # 30 rounds, local engine
+    python -m bench.compose_latency --rounds 50 --method lego --out results.json
 
 Target: cached-composition overhead over base under 5 ms per request (median).
 """

@@ -6,10 +6,10 @@ shrinks K chunk ks for its tile (the A chunk is read once per N block: redundant
 stores the fp32 partial, and bumps the (tile, nb) counter; the program that arrives last sums
 the partials and expands its BLOCK_N columns. No spinning, so no co-residency assumption; the
 cost is the redundant A traffic (num_nb x A bytes through L2) and one atomic round trip on
-the critical path. Compared in the same CUDA-graph replay timing as bench/kernels.py against
+the critical path. Compared in the same CUDA-graph replay timing as bench/kernels/ against
 kernels.add_lora (what the host rule picks: our pair or fused) at decode shapes.
 
-Run: python3 bench/decode_probe.py [--out probe.json]   (CUDA; TRITON_INTERPRET=1 on CPU
+Run: python3 -m bench.decode_probe [--out probe.json]   (CUDA; TRITON_INTERPRET=1 on CPU
 checks correctness on small shapes only).
 """
 
@@ -19,18 +19,15 @@ import argparse
 import itertools
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's kernels package
-
-from bench.kernels import make_inputs as inputs  # noqa: E402
-from kernels import add_lora, build_meta, reference  # noqa: E402
-from kernels.triton_kernels import _delta, _load_b, _shrink_tile, _tile_rows  # noqa: E402
+from bench.kernels.grid import make_inputs as inputs
+from kernels import add_lora, build_meta, reference
+from kernels.triton_kernels import _delta, _load_b, _shrink_tile, _tile_rows
 
 BLOCK_M = 16
 

@@ -5,20 +5,15 @@ that differ by up to 0.108 in bf16 (and by 0 in fp32). This runs each candidate 
 identical inputs at the engine bench's shapes (Llama-1B: hidden 2048, 32 rows, rank 16, 8
 adapters) and prints the largest difference: our multi-LoRA kernels (planned pair, forced
 fused), cuBLAS linears, SDPA with a boolean mask over a strided KV window, and whole model
-forwards. Run on a CUDA GPU: python3 bench/determinism_probe.py
+forwards. Run on a CUDA GPU: python3 -m bench.determinism_probe
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import add_lora_planned, build_meta  # noqa: E402
+from kernels import add_lora_planned, build_meta
 
 
 def twice(fn) -> float:

@@ -1,7 +1,7 @@
 """Host cost of one add_lora call: the public checked path against the engine's planned path.
 
 Run on a CUDA GPU (one H200 here; torch + triton only):
-    PYTHONUNBUFFERED=1 python3 bench/host_overhead.py --out $OUT/host_overhead.json
+    PYTHONUNBUFFERED=1 python3 -m bench.host_overhead --out $OUT/host_overhead.json
 For the Llama-1B layer shapes (2048->2048, 2048->512, 2048->8192, 8192->2048; rank 16; 32 tokens
 over 8 adapters, 4 rows each; bf16) it measures, in one process:
   old     kernels.add_lora(y, x, lora_a, lora_b, slot_ids, meta=meta): checks, configs,
@@ -33,9 +33,8 @@ if SMOKE:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kernels  # noqa: E402
-from timing import graph_time_us  # noqa: E402  (bench/timing.py)
+from bench.timing import graph_time_us  # noqa: E402
 
 FULL = dict(shapes=[(2048, 2048), (2048, 512), (2048, 8192), (8192, 2048)], rank=16, tokens=32,
             adapters=8, layers=16, calls=200, repeats=7, graph_inner=20, dtype=torch.bfloat16,

@@ -6,8 +6,8 @@ The demo world (lab/assets) is served in process (local engine, fresh compositio
 run) with 16 skills (four copies of each demo skill). Each request asks for max_tokens=1, so
 its latency is almost all merge and wait.
 
-    python bench/merge_queue.py
-    python bench/merge_queue.py --large 6 --workers 1
+    python -m bench.merge_queue
+    python -m bench.merge_queue --large 6 --workers 1
 """
 
 from __future__ import annotations
@@ -17,21 +17,16 @@ import asyncio
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from lab.demo import LAB_ASSETS as ASSETS
+from server.app import create_app
+from server.settings import Settings
 
-from server.app import create_app  # noqa: E402
-from server.merge_pool import MergePool  # noqa: E402
-from server.settings import Settings  # noqa: E402
-
-ASSETS = REPO_ROOT / "lab" / "assets"
 BASE_NAME = "loramix-demo"
 COPIES = 4  # 4 demo skills x 4 copies = 16 skills
 

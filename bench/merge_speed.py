@@ -6,8 +6,8 @@ layers of the same shapes and its time is extrapolated linearly to 32 (marked "e
 Each case runs in a fresh subprocess so peak memory is its own (ru_maxrss). ΔW error is
 ||ΔW_merged - Σ w_i ΔW_i||_F / ||Σ w_i ΔW_i||_F on the layers both ran.
 
-    python bench/merge_speed.py                     # full table (peft svd ≈ minutes)
-    python bench/merge_speed.py --quick             # 4 layers for loramix, no peft svd
+    python -m bench.merge_speed                     # full table (peft svd ≈ minutes)
+    python -m bench.merge_speed --quick             # 4 layers for loramix, no peft svd
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where `python -m bench.merge_speed` runs
 HIDDEN, KV, INTER = 4096, 1024, 14336
 SHAPES = {  # name -> (in, out)
     "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, KV), "self_attn.v_proj": (HIDDEN, KV),
@@ -144,8 +143,8 @@ def worker(args) -> None:
 
 
 def spawn(impl: str, method: str, layers: int, error_layers: int = 1) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, method, str(layers), str(error_layers)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.merge_speed", "--worker", impl, method, str(layers), str(error_layers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not line:
         raise SystemExit(f"{impl} {method} failed:\n{proc.stderr[-3000:]}")
