@@ -6,7 +6,7 @@ min_<dim> / max_<dim> bounds all hold overrides the built-in defaults. "fused_wh
 the same bounds, any match) picks the fused kernel over shrink+expand; its "slots" is
 min(num_slots, num_tokens), a bound on the active adapters known without a device sync.
 "records_when" / "pdl_when" (same form) switch on the kernel variants of `Variant`; absent,
-the kernels run as v2 (bench/kernels_notes.md). Nothing is autotuned while serving.
+the kernels run plain (bench/kernels_notes.md). Nothing is autotuned while serving.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Launch:
 
 @dataclass(frozen=True)
 class Variant:
-    """Kernel variant: constexpr switches of the same kernels (v2 = all off).
+    """Kernel variant: constexpr switches of the same kernels (plain = all off).
 
     records: tile prologue from one record row per tile (LoraBatchMeta.tile_records).
     pdl:     unfused pair only: programmatic dependent launch of the expand (Hopper+).
@@ -51,11 +51,11 @@ class Variant:
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
-        """'v2', 'rec', 'pdl', 'rec+pdl', each optionally '@<table stem>'."""
+        """'plain', 'rec', 'pdl', 'rec+pdl', each optionally '@<table stem>'."""
         flags, _, table = spec.partition("@")
-        parts = set(flags.split("+")) - {"v2", ""}
+        parts = set(flags.split("+")) - {"plain", ""}
         if not parts <= {"rec", "pdl"}:
-            raise ValueError(f"unknown kernel variant {spec!r}: use v2, rec, pdl, rec+pdl "
+            raise ValueError(f"unknown kernel variant {spec!r}: use plain, rec, pdl, rec+pdl "
                              f"with an optional @<config table>")
         if table and not (CONFIG_DIR / f"{table}.json").is_file():
             raise ValueError(f"no config table kernels/configs/{table}.json")
@@ -76,7 +76,7 @@ def pdl_supported(device: torch.device) -> bool:
 @functools.cache
 def pick_variant(gpu_name: str, num_tokens: int, num_slots: int, rank: int,
                  hidden_in: int) -> Variant:
-    """The variant the GPU's table picks ("records_when" / "pdl_when"); v2 without rules."""
+    """The variant the GPU's table picks ("records_when" / "pdl_when"); plain without rules."""
     table = tuned_table(gpu_name)
     shape = dict(tokens=num_tokens, slots=min(num_slots, num_tokens), rank=rank,
                  hidden_in=hidden_in)

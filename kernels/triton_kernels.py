@@ -7,7 +7,7 @@ q/k/v or gate/up, up to 3 slices per launch). Tokens are gathered through sorted
 whose slot is -1 are never read or written. Weights are contiguous:
 lora_a [S, R, K] and lora_b_i [S, N_i, R].
 
-Variants (kernels.launch.Variant, constexpr flags, v2 = all off):
+Variants (kernels.launch.Variant, constexpr flags, plain = all off):
 - RECORDS: the tile prologue reads one record row (token ids + slot, LoraBatchMeta.
   tile_records) instead of tile_slot/tile_start -> slot_end -> sorted_tokens: one dependent
   round trip instead of three. The host then passes the record table for all four tile args.

@@ -21,7 +21,7 @@ from kernels.meta import MAX_PIECES, MIN_BLOCK_M, LoraBatchMeta, build_meta
 from kernels.reference import checks_slices
 from kernels.triton_kernels import expand_kernel, fused_kernel, shrink_kernel
 
-V2 = launch.Variant()
+PLAIN = launch.Variant()  # every switch off
 
 
 def _meta(meta: LoraBatchMeta | None, slot_ids, num_tokens, num_slots, device) -> LoraBatchMeta:
@@ -96,7 +96,7 @@ class _Step:
                                     *self.tail, **self.options)
 
 
-def _shrink_step(x, lora_as, has_scale, meta, variant=V2, ws=None) -> _Step:
+def _shrink_step(x, lora_as, has_scale, meta, variant=PLAIN, ws=None) -> _Step:
     """Writes ws [split_k, T, pieces * R] float32 partial sums of scaling * x @ a_i.T."""
     # x: [T, K] row-major, lora_as[i]: [S, R, K]
     num_tokens, hidden_in = x.shape
@@ -119,7 +119,7 @@ def _shrink_step(x, lora_as, has_scale, meta, variant=V2, ws=None) -> _Step:
     return _Step(shrink_kernel, grid, (ws,), tail, options)
 
 
-def _expand_step(y, ws, lora_bs, offsets, meta, variant=V2) -> _Step:
+def _expand_step(y, ws, lora_bs, offsets, meta, variant=PLAIN) -> _Step:
     """y[:, off_i : off_i + N_i] += sum_split(ws)[:, i*R:(i+1)*R] @ b_i.T."""
     # y: [T, width] row-major, ws: [split, T, pieces * R], lora_bs[i]: [S, N_i, R]
     num_tokens = y.shape[0]
@@ -139,7 +139,7 @@ def _expand_step(y, ws, lora_bs, offsets, meta, variant=V2) -> _Step:
     return _Step(expand_kernel, grid, (ws,), tail, options)
 
 
-def _fused_steps(y, x, lora_as, lora_bs, offsets, has_scale, meta, variant=V2) -> list[_Step]:
+def _fused_steps(y, x, lora_as, lora_bs, offsets, has_scale, meta, variant=PLAIN) -> list[_Step]:
     """One launch: per tile, split-K shrink into ws, per-tile barrier, split-N expand."""
     # y: [T, width], x: [T, K] row-major, lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
     num_tokens, hidden_in = x.shape

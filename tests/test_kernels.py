@@ -4,7 +4,6 @@ On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (set here) on
 shapes. Without triton these tests skip, or FAIL when LORAMIX_REQUIRE_ALL=1.
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -15,10 +14,10 @@ if not torch.cuda.is_available():
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
+from tests.optional_deps import require_module  # noqa: E402
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 # bf16 under the interpreter rounds by truncation (1 ulp = 2^-7); fp32 dots on GPU use tf32.
 TOL = {torch.float32: 1e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 2e-3,
        torch.bfloat16: 1e-2}
@@ -26,11 +25,7 @@ TOL = {torch.float32: 1e-3 if DEVICE == "cuda" else 1e-5, torch.float16: 2e-3,
 
 @pytest.fixture(autouse=True)
 def _need_triton():
-    if HAS_TRITON:
-        return
-    if os.environ.get("LORAMIX_REQUIRE_ALL") == "1":
-        pytest.fail("triton is not installed but LORAMIX_REQUIRE_ALL=1")
-    pytest.skip("triton is not installed")
+    require_module("triton")
 
 
 def _triton():
@@ -255,8 +250,8 @@ def test_variants_match_reference(shape, pattern, dtype, fused, variant):
     _check(out, expected, y, slot_ids, dtype)
 
 
-@pytest.mark.parametrize("fused,variant", VARIANT_COMBOS + [(False, "v2@NVIDIA_H200_candidate"),
-                                                            (True, "v2@NVIDIA_H200_candidate")])
+@pytest.mark.parametrize("fused,variant", VARIANT_COMBOS + [(False, "plain@NVIDIA_H200_candidate"),
+                                                            (True, "plain@NVIDIA_H200_candidate")])
 def test_variant_slices_and_split_chunks(monkeypatch, fused, variant):
     """Unequal slices (programs past a narrow slice's end) and several K/N chunks per tile."""
     from kernels import launch
@@ -296,13 +291,13 @@ def test_tile_records_match_tile_map():
 def test_variant_names_and_host_rule():
     from kernels import launch
     assert launch.Variant.parse("rec+pdl") == launch.Variant(records=True, pdl=True)
-    assert launch.Variant.parse("v2@NVIDIA_H200_candidate").table == "NVIDIA_H200_candidate"
+    assert launch.Variant.parse("plain@NVIDIA_H200_candidate").table == "NVIDIA_H200_candidate"
     with pytest.raises(ValueError, match="unknown kernel variant"):
         launch.Variant.parse("fast")
     with pytest.raises(ValueError, match="no config table"):
         launch.Variant.parse("rec@nope")
     # The H200 table turns tile records on (measured faster at every token count, run 4);
-    # a GPU without a table gets v2.
+    # a GPU without a table gets the plain kernels.
     assert launch.pick_variant("NVIDIA H200", 1, 1, 16, 4096) == launch.Variant(records=True)
     assert launch.pick_variant("Some Other GPU", 1, 1, 16, 4096) == launch.Variant()
 

@@ -105,7 +105,7 @@ def correctness(grid, device, gpu: str, jobs: int, spot: bool = True):
 
 
 def graph_check(device) -> list[dict]:
-    """Replaying a captured add_lora 3 times equals 3 reference applications, for v2 and every
+    """Replaying a captured add_lora 3 times equals 3 reference applications, for plain and every
     variant (fused barrier counters must reset themselves; PDL edges must survive capture;
     meta must need no host sync)."""
     from kernels import build_meta, launch, reference, triton_ops

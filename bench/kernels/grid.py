@@ -11,12 +11,12 @@ ADAPTERS = [1, 8, 32]
 DECODE_MAX_TOKENS = 64
 FUSED_MAX_TOKENS = 256  # the fused kernel is timed up to here
 CANDIDATE = "NVIDIA_H200_candidate"  # kernels/configs/<CANDIDATE>.json
-# column -> (fused, kernels.launch.Variant spec); 'unfused' / 'fused' are v2
+# column -> (fused, kernels.launch.Variant spec); 'unfused' / 'fused' are plain
 COMBOS = {
-    "unfused": (False, "v2"), "fused": (True, "v2"),
+    "unfused": (False, "plain"), "fused": (True, "plain"),
     "unfused_rec": (False, "rec"), "unfused_pdl": (False, "pdl"),
     "unfused_rec_pdl": (False, "rec+pdl"), "fused_rec": (True, "rec"),
-    "unfused_cand": (False, f"v2@{CANDIDATE}"), "fused_cand": (True, f"v2@{CANDIDATE}"),
+    "unfused_cand": (False, f"plain@{CANDIDATE}"), "fused_cand": (True, f"plain@{CANDIDATE}"),
 }
 # vLLM 0.33 Triton lora_shrink + lora_expand on an H200, from shared/ANCHORS.md (bf16, graph
 # replay, median, µs): an anchor, NOT measured by this script (no vLLM on the GPU machine).

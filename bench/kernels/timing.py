@@ -97,7 +97,7 @@ def bench_case(k, n, r, t, a, device, bandwidth, replays=15):
     runs["loop"] = lambda: per_adapter_loop(groups)(y, x, la, lb, ids, 0.5)
     weight = torch.randn(n, k, device=device).to(x.dtype)
     runs["base_linear"] = lambda: torch.nn.functional.linear(x, weight)
-    if t <= DECODE_MAX_TOKENS:  # v2 once more, last: the spread between equal versions
+    if t <= DECODE_MAX_TOKENS:  # plain once more, last: the spread between equal versions
         runs["unfused_again"] = runs["unfused"]
     for name, fn in runs.items():
         try:

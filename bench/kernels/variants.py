@@ -1,4 +1,4 @@
-"""The A/B table of kernel variants and candidate configs against the v2 kernels, and the
+"""The A/B table of kernel variants and candidate configs against the plain kernels, and the
 host rules the data supports."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ def cell(us: float | None) -> str:
     return "-" if us is None else f"{us:.1f}"
 
 
-AB_COLUMNS = [("unfused", "pair v2"), ("unfused_again", "pair v2 again"),
+AB_COLUMNS = [("unfused", "pair plain"), ("unfused_again", "pair plain again"),
               ("unfused_rec", "pair rec"), ("unfused_pdl", "pair pdl"),
-              ("unfused_rec_pdl", "pair rec+pdl"), ("fused", "fused v2"),
+              ("unfused_rec_pdl", "pair rec+pdl"), ("fused", "fused plain"),
               ("fused_rec", "fused rec"), ("unfused_cand", "pair cand"),
               ("fused_cand", "fused cand")]
 VARIANT_BASE = {"unfused_rec": "unfused", "unfused_pdl": "unfused",
@@ -37,22 +37,22 @@ def _ratios(rows, col, base, lo=1, hi=1 << 30) -> list[float]:
 
 
 def noise(rows) -> tuple[float, float]:
-    """(median, max) of |v2 again / v2 - 1| over the decode rows: the spread of equal versions."""
+    """(median, max) of |plain again / plain - 1| over the decode rows: the spread of equal versions."""
     spread = [abs(v - 1) for v in _ratios(rows, "unfused_again", "unfused")]
     return (statistics.median(spread), max(spread)) if spread else (float("nan"),) * 2
 
 
 def variant_section(rows) -> list[str]:
-    """A/B table of the kernel variants and candidate configs against v2, same run."""
+    """A/B table of the kernel variants and candidate configs against plain, same run."""
     if not any(r.get("unfused_rec_us") is not None for r in rows):
         return []
     med, top = noise(rows)
-    lines = ["", "### Kernel variants and candidate configs (A/B against v2, same run)", "",
+    lines = ["", "### Kernel variants and candidate configs (A/B against plain, same run)", "",
              f"Variants of the same kernels (kernels/launch.py `Variant`): 'rec' = one-record "
              f"tile metadata, 'pdl' = programmatic dependent launch of the expand, 'cand' = "
              f"kernels/configs/{CANDIDATE}.json (timed only where its configs differ). "
-             f"Spread of equal versions (v2 timed twice, decode rows): median "
-             f"{100 * med:.1f}%, max {100 * top:.1f}%. Ratio = variant / v2 of the same path "
+             f"Spread of equal versions (plain timed twice, decode rows): median "
+             f"{100 * med:.1f}%, max {100 * top:.1f}%. Ratio = variant / plain of the same path "
              f"(< 1 = faster), geomean [min–max] over the rows:", ""]
     lines.append("| variant | " + " | ".join(c[0] for c in TOKEN_CLASSES) + " |")
     lines.append("|---|" + "---|" * len(TOKEN_CLASSES))
@@ -73,7 +73,7 @@ def variant_section(rows) -> list[str]:
 
 def proposal(rows) -> list[str]:
     """Host rules the data supports: per token count, a variant is adopted for the path the
-    current rules pick when its geomean beats v2 by more than the margin and no row loses
+    current rules pick when its geomean beats plain by more than the margin and no row loses
     more than the margin (margin = max(3%, 2x the median spread of equal versions))."""
     med, _ = noise(rows)
     margin = max(0.03, 2 * med) if med == med else 0.03
@@ -82,7 +82,7 @@ def proposal(rows) -> list[str]:
              f"path the current fused_when picks:", ""]
     for t in sorted({r["tokens"] for r in rows}):
         at = [r for r in rows if r["tokens"] == t]
-        best = ("v2", 1.0, 1.0)
+        best = ("plain", 1.0, 1.0)
         for rec, pdl in ((True, False), (False, True), (True, True)):
             ratios = []
             for r in at:
@@ -97,7 +97,7 @@ def proposal(rows) -> list[str]:
                 best = ("+".join(n for n, on in (("rec", rec), ("pdl", pdl)) if on),
                         _geo(ratios), max(ratios))
         lines.append(f"- {t} tokens: {best[0]}" + (f" (geomean {best[1]:.3f}, worst row "
-                                                    f"{best[2]:.3f})" if best[0] != "v2" else ""))
+                                                    f"{best[2]:.3f})" if best[0] != "plain" else ""))
         if "rec" in best[0]:
             wins["records_when"].append(t)
         if "pdl" in best[0]:
@@ -105,7 +105,7 @@ def proposal(rows) -> list[str]:
     present = sorted({r["tokens"] for r in rows})
     rules = {key: _token_ranges(ts, present) for key, ts in wins.items() if ts}
     lines += ["", "Proposed additions to kernels/configs/NVIDIA_H200.json: `"
-              + json.dumps(rules) + "`" if rules else "No variant clears the margin: keep v2."]
+              + json.dumps(rules) + "`" if rules else "No variant clears the margin: keep plain."]
     return lines
 
 
