@@ -20,9 +20,11 @@ labels) -> .loss whose linear layers carry the adapters' module names (transform
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -137,6 +139,60 @@ def _unwrap(model, wrapped: dict[str, _WeightedCat]) -> None:
         setattr(parent, child, layer.base)
 
 
+def _check_args(adapters, examples, steps: int, lr: float, batch_size: int) -> None:
+    if len(adapters) < 2:
+        raise InvalidMergeOptions("tune-cat needs at least two adapters", param="skills")
+    if steps < 1 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
+        raise InvalidMergeOptions("steps, batch size and learning rate must be positive", param="steps")
+    if len(examples) < 2:
+        raise InvalidMergeOptions("tune-cat needs at least two training examples", param="data")
+
+
+@contextlib.contextmanager
+def _weighted(model, adapters, init: torch.Tensor) -> Iterator[dict[str, _WeightedCat]]:
+    """`model` frozen, in eval mode (no dropout: only the weights are learnt), its adapted layers
+    wrapped; on exit, the layers, requires_grad flags and training mode as they were."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.requires_grad_(False)
+    wrapped = _wrap(model, adapters, init)
+    try:
+        model.eval()
+        yield wrapped
+    finally:
+        _unwrap(model, wrapped)
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad.get(name, param.requires_grad))
+        model.train(was_training)
+
+
+def _mean_loss(model, encoded, pad: int, device, batch_size: int) -> float:
+    """Mean completion loss over `encoded`, without gradients."""
+    with torch.no_grad():
+        total = 0.0
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            total += float(_loss(model, _batch(chunk, pad, device))) * len(chunk)
+        return total / len(encoded)
+
+
+def _train(model, wrapped, train, rng: random.Random, pad: int, device, *, steps: int, lr: float,
+           batch_size: int, progress) -> list[float]:
+    """Adam on the wrapped layers' logits over random batches of `train`; the loss per step."""
+    optimizer = torch.optim.Adam([layer.logits for layer in wrapped.values()], lr=lr)
+    losses = []
+    for step in range(1, steps + 1):
+        chunk = [train[rng.randrange(len(train))] for _ in range(batch_size)]
+        loss = _loss(model, _batch(chunk, pad, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if progress:
+            progress(step, losses[-1])
+    return losses
+
+
 def tune_cat(
     model,
     tokenizer,
@@ -158,12 +214,7 @@ def tune_cat(
     examples (at least one) measures the completion loss before and after. Deterministic for
     a given seed on a given device.
     """
-    if len(adapters) < 2:
-        raise InvalidMergeOptions("tune-cat needs at least two adapters", param="skills")
-    if steps < 1 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
-        raise InvalidMergeOptions("steps, batch size and learning rate must be positive", param="steps")
-    if len(examples) < 2:
-        raise InvalidMergeOptions("tune-cat needs at least two training examples", param="data")
+    _check_args(adapters, examples, steps, lr, batch_size)
     started = time.perf_counter()
     rng = random.Random(seed)
     encoded = _encode(tokenizer, examples)
@@ -173,41 +224,12 @@ def tune_cat(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    model.requires_grad_(False)
-    wrapped = _wrap(model, adapters, _initial_logits(init_weights, len(adapters)))
-    try:
-        logits = [layer.logits for layer in wrapped.values()]
-        optimizer = torch.optim.Adam(logits, lr=lr)
-        model.eval()  # no dropout: only the weights are learnt
-
-        def held_out_loss() -> float:
-            with torch.no_grad():
-                total = 0.0
-                for start in range(0, len(held_out), batch_size):
-                    chunk = held_out[start:start + batch_size]
-                    total += float(_loss(model, _batch(chunk, pad, device))) * len(chunk)
-                return total / len(held_out)
-
-        before = held_out_loss()
-        losses = []
-        for step in range(1, steps + 1):
-            chunk = [train[rng.randrange(len(train))] for _ in range(batch_size)]
-            loss = _loss(model, _batch(chunk, pad, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if progress:
-                progress(step, losses[-1])
-        after = held_out_loss()
+    with _weighted(model, adapters, _initial_logits(init_weights, len(adapters))) as wrapped:
+        before = _mean_loss(model, held_out, pad, device, batch_size)
+        losses = _train(model, wrapped, train, rng, pad, device, steps=steps, lr=lr,
+                        batch_size=batch_size, progress=progress)
+        after = _mean_loss(model, held_out, pad, device, batch_size)
         module_weights = {m: [round(float(w), 6) for w in layer.weights().detach()] for m, layer in wrapped.items()}
-    finally:
-        _unwrap(model, wrapped)
-        for name, param in model.named_parameters():
-            param.requires_grad_(requires_grad.get(name, param.requires_grad))
-        model.train(was_training)
 
     mean = [sum(row[i] for row in module_weights.values()) / len(module_weights) for i in range(len(adapters))]
     info = {
