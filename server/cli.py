@@ -96,7 +96,7 @@ def merge(
     typer.echo(summary_line(result))
 
 
-# --- tune-cat: learned CAT weights (server.tuning), saved as a named composition.
+# --- tune-cat: learned CAT weights (lab.tune_cat, imported when the command runs), saved as a named composition.
 @app.command("tune-cat")
 def tune_cat(
     skills: list[str] = typer.Argument(..., help="Two or more skill names (sub-directories of the skills directory)."),
