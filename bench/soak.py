@@ -84,7 +84,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def start_server(args, work: Path) -> Server:
-    from server.demo import ensure_demo
+    from lab.demo import ensure_demo
 
     demo = ensure_demo(args.demo_dir or work / "demo", world="tiny")
     port = free_port()
