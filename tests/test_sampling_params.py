@@ -18,6 +18,7 @@ from server.engines.local import logits as ops
 from server.engines.local.sampling import TokenSampler, sample_rows
 from server.protocol import _UNSUPPORTED, IGNORED_FIELDS, CompletionRequest
 from server.serving.completions import sampling_options
+from tests.optional_deps import require_module
 
 BASE = "tiny"
 VOCAB = 48
@@ -299,7 +300,7 @@ def test_request_gauges_and_lora_info_metric(server, client):
 
 
 def test_every_option_reaches_vllms_sampling_params():
-    pytest.importorskip("vllm")
+    require_module("vllm")
     from server.engines.vllm.engine import _sampling_params
 
     request = CompletionRequest(
