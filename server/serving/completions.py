@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import metrics
 from server.composer import Resolved
-from server.engines.base import AdapterHandle, SamplingOptions
+from server.engines.base import AdapterHandle, GenerationDelta, SamplingOptions
 from server.errors import from_exception, invalid_request
 from server.limits import check_num_sequences
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
@@ -28,6 +28,8 @@ from server.serving.generation import (
     count_tokens,
     stream_sequences,
 )
+from server.serving.logprobs import (ChatChoiceFormatter, ChoiceFormatter, ChoiceOutput,
+                                     CompletionChoiceFormatter, Echo)
 from server.serving.shapes import CHAT, COMPLETIONS, EndpointShape
 from server.state import ServerState
 
@@ -48,6 +50,8 @@ def _jobs(prompts: list[list[int]], request: SamplingFields, max_tokens: int) ->
                 seed=None if request.seed is None else request.seed + j,
                 stop=request.stop_strings(),
                 ignore_eos=request.ignore_eos,
+                logprobs=request.num_logprobs(),
+                prompt_logprobs=request.num_prompt_logprobs(),
             )
             jobs.append(SequenceJob(prompt_index * request.n + j, prompt_ids, sampling))
     return jobs
@@ -71,6 +75,12 @@ class Generation:
     jobs: list[SequenceJob]
     handle: AdapterHandle | None
     adapter_pin: contextlib.AsyncExitStack
+    formatters: dict[int, ChoiceFormatter]  # choice index -> its echo and logprobs
+
+    def output(self, index: int, item: SequenceResult | GenerationDelta) -> ChoiceOutput:
+        """A choice's result or stream delta as the endpoint answers it."""
+        return self.formatters[index].format(item.text, item.token_ids, item.logprobs,
+                                             item.prompt_logprobs, item.finish_reason)
 
 
 class CompletionService:
@@ -87,7 +97,9 @@ class CompletionService:
         # stall every other request.
         prompts = [await asyncio.to_thread(self.state.encoder.chat, request.messages)]
         max_tokens = request.output_budget() or self.state.settings.default_max_tokens
-        return await self._run(CHAT, request, resolved, prompts, max_tokens, started)
+        formatter = lambda prompt_index: ChatChoiceFormatter(self.state.encoder.token_texts,
+                                                             request.num_logprobs())
+        return await self._run(CHAT, request, resolved, prompts, max_tokens, started, formatter)
 
     async def completion(self, request: CompletionRequest) -> Response:
         started = time.perf_counter()
@@ -95,8 +107,18 @@ class CompletionService:
         resolved = await self._resolve(request)
         encode = self.state.encoder.text
         prompts = await asyncio.to_thread(lambda: [encode(p) for p in request.prompts()])
-        max_tokens = request.output_budget() or 16
-        return await self._run(COMPLETIONS, request, resolved, prompts, max_tokens, started)
+        budget = request.output_budget()
+        # max_tokens 0 (only with echo): one token is generated, none answered (as vLLM).
+        max_tokens = 16 if budget is None else max(budget, 1)
+        echoes = [self._echo(text, ids, budget == 0) if request.echo else None
+                  for text, ids in zip(request.prompts(), prompts)]
+        formatter = lambda prompt_index: CompletionChoiceFormatter(
+            self.state.encoder.token_texts, request.num_logprobs(), echoes[prompt_index])
+        return await self._run(COMPLETIONS, request, resolved, prompts, max_tokens, started, formatter)
+
+    def _echo(self, prompt: str | list[int], token_ids: list[int], only_prompt: bool) -> Echo:
+        text = prompt if isinstance(prompt, str) else self.state.encoder.decode(token_ids)
+        return Echo(text, token_ids, only_prompt)
 
     async def _resolve(self, request: SamplingFields) -> Resolved:
         unsupported = request.unsupported_fields()
@@ -105,12 +127,13 @@ class CompletionService:
         await self.state.composer.refresh_skills()
         return self.state.composer.resolve(request.model, request.composition)
 
-    async def _run(self, shape, request, resolved, prompts, max_tokens, started) -> Response:
+    async def _run(self, shape, request, resolved, prompts, max_tokens, started, formatter) -> Response:
         pin = contextlib.AsyncExitStack()
         handle = await pin.enter_async_context(self.state.composer.adapter(resolved.spec))
+        jobs = _jobs(prompts, request, max_tokens)
         generation = Generation(
-            shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", resolved, prompts,
-            _jobs(prompts, request, max_tokens), handle, pin,
+            shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", resolved, prompts, jobs, handle, pin,
+            {job.index: formatter(job.index // request.n) for job in jobs},
         )
         # The server's own share of the latency (resolve, tokenize, merged adapter), as a
         # standard Server-Timing header.
@@ -126,7 +149,8 @@ class CompletionService:
         async with gen.adapter_pin:
             results = await collect_sequences(self.state.engine, gen.request_id, gen.jobs, gen.handle)
         count_tokens(results)
-        body = gen.shape.respond(gen.request_id, int(time.time()), gen.resolved.model_name, results,
+        outputs = [gen.output(job.index, result) for job, result in zip(gen.jobs, results)]
+        body = gen.shape.respond(gen.request_id, int(time.time()), gen.resolved.model_name, outputs,
                                  _usage(gen.prompts, results))
         return body.model_dump()
 
@@ -143,7 +167,7 @@ class CompletionService:
                         yield _sse(opening)
                 async for index, delta in stream_sequences(self.state.engine, gen.request_id, gen.jobs, gen.handle):
                     accumulate(results[index], delta)
-                    yield _sse(chunk(gen.request_id, index, delta, created, model))
+                    yield _sse(chunk(gen.request_id, index, gen.output(index, delta), created, model))
             ordered = [results[job.index] for job in gen.jobs]
             count_tokens(ordered)
             if include_usage:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from server.engines.base import EngineError
+from server.engines.base import EngineError, TokenLogprobs
+from server.engines.local.logprobs import position_logprobs, prompt_logprobs
 from server.engines.local.lora_layers import LoraBatchContext
 from server.engines.local.sequence import Sequence
 from server.engines.local.slots import AdapterSlots
@@ -37,6 +38,14 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
     return F.pad(t, pad)
+
+
+def _sampled_logprobs(seq: Sequence, logits: torch.Tensor, token: int) -> list[TokenLogprobs] | None:
+    """The sampled token's logprobs for a sequence that asked for them. logits: [vocab]"""
+    num_top = seq.sampling.logprobs
+    if num_top is None:
+        return None
+    return position_logprobs(logits.unsqueeze(0), [token], num_top)
 
 
 class ModelRunner:
@@ -95,8 +104,10 @@ class ModelRunner:
                 admitted.append(seq)
         return admitted, waiting
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, rows) -> torch.Tensor:
-        """Run the model; returns the last position's logits [rows, vocab] as float32 on CPU."""
+    def _forward(self, input_ids, attention_mask, position_ids, cache, rows,
+                 all_positions: bool = False) -> torch.Tensor:
+        """Run the model; returns the last position's logits [rows, vocab] as float32 on CPU,
+        or with all_positions the logits of every input position [rows, L, vocab] as they are."""
         row_slots = [s.slot for s in rows]
         self.context.set_slots(row_slots, input_ids.shape[1], self.slots.max_loras, self.device)
         self.num_forward_passes += 1
@@ -105,11 +116,13 @@ class ModelRunner:
         try:
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                past_key_values=cache, use_cache=True, logits_to_keep=0 if all_positions else 1,
                 cache_position=torch.arange(length - input_ids.shape[1], length,
                                             device=self.device))
         finally:
             self.context.clear()
+        if all_positions:
+            return out.logits
         return out.logits[:, -1, :].float().cpu()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -122,7 +135,15 @@ class ModelRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(input_ids, mask, position_ids, cache, seqs)
+        echo = any(seq.sampling.prompt_logprobs is not None for seq in seqs)
+        logits = self._forward(input_ids, mask, position_ids, cache, seqs, all_positions=echo)
+        if echo:  # [rows, length, vocab]: the prompt's logprobs, then the last position's logits
+            for i, seq in enumerate(seqs):
+                if seq.sampling.prompt_logprobs is not None:
+                    seq.prompt_logprobs = prompt_logprobs(
+                        logits[i, length - seq.num_prompt_tokens:], seq.prompt_token_ids,
+                        seq.sampling.prompt_logprobs)
+            logits = logits[:, -1, :].float().cpu()
         self._join(seqs, cache, mask)
         self._sample(seqs, logits)
 
@@ -148,7 +169,7 @@ class ModelRunner:
                     token = greedy[i]
                 else:  # the sampler raises on non-finite logits
                     token = seq.sampler.sample(logits[i])
-                seq.append_token(token)
+                seq.append_token(token, _sampled_logprobs(seq, logits[i], token))
             except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
                 self._fail_one(seq, exc)
 
