@@ -12,7 +12,7 @@ import math
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 logger = logging.getLogger("loramix.protocol")
 
@@ -184,11 +184,12 @@ class ChatCompletionRequest(SamplingFields):
         None, ge=0, le=MAX_LOGPROBS,
         description="With `logprobs`: also the N most likely tokens at each position.")
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return top_logprobs
 
     def num_logprobs(self) -> int | None:
         """Top-N logprobs per output token for the engine (None: none asked for)."""
@@ -215,12 +216,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS,
         description="Return each token's logprob and the N most likely tokens at each position.")
-
-    @model_validator(mode="after")
-    def _zero_tokens_only_with_echo(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens may be 0 only with echo: true")
-        return self
 
     def num_logprobs(self) -> int | None:
         """Top-N logprobs per token for the engine (None: none asked for)."""

@@ -214,8 +214,8 @@ def test_chat_logprobs_shape_values_and_stream(client, tokenizer, reference):
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "logprobs": -1}, "logprobs"),
-    ({"prompt": "x", "max_tokens": 0}, None),
-    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
 ])

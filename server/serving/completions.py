@@ -108,6 +108,8 @@ class CompletionService:
         encode = self.state.encoder.text
         prompts = await asyncio.to_thread(lambda: [encode(p) for p in request.prompts()])
         budget = request.output_budget()
+        if budget == 0 and not request.echo:
+            raise invalid_request("max_tokens must be at least 1 (0 only with echo: true).", "max_tokens")
         # max_tokens 0 (only with echo): one token is generated, none answered (as vLLM).
         max_tokens = 16 if budget is None else max(budget, 1)
         echoes = [self._echo(text, ids, budget == 0) if request.echo else None
