@@ -75,7 +75,8 @@ def evaluations(tiny_base, skills_dir, tmp_path_factory):
             elif engine == "vllm":
                 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
                 cache[engine] = serve_and_evaluate("vllm", tiny_base, skills_dir, root, max_loras=2,
-                                                   dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
+                                                   dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True,
+                                                   ready_timeout_s=600)  # vLLM's start on a busy 2-core host
             else:
                 cache[engine] = serve_and_evaluate("local", tiny_base, skills_dir, root)
         return cache[engine]
