@@ -94,7 +94,10 @@ def assert_agree(ours: dict[str, list], reference: dict[str, list]) -> None:
             assert ll < 0
     # The multiple-choice task scored every choice of every question (4 questions, 11 choices).
     assert len(ours["loramix_multiple_choice"]) == 11
-    assert ours["loramix_generate"] == reference["loramix_generate"]
+    # A trailing U+FFFD is dropped: when the output stops inside a UTF-8 character vLLM
+    # withholds the incomplete bytes, transformers and the local engine emit U+FFFD.
+    assert [text.rstrip("\ufffd") for text in ours["loramix_generate"]] == [
+        text.rstrip("\ufffd") for text in reference["loramix_generate"]]
 
 
 def test_local_engine_agrees_with_transformers(evaluations):
