@@ -19,7 +19,7 @@ from server.merge_pool import MergePool
 from server.metrics import RequestMetricsMiddleware
 from server.model_paths import resolve_model_paths
 from server.named import NamedCompositions
-from server.routers import compositions, openai_api, ops
+from server.routers import compositions, openai_api, ops, tokenize
 from server.settings import Settings
 from server.skills import SkillRegistry, base_module_shapes
 from server.state import ServerState
@@ -82,4 +82,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(openai_api.router)
     app.include_router(compositions.router)
     app.include_router(ops.router)
+    app.include_router(tokenize.router)
     return app

@@ -12,7 +12,7 @@ import math
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 logger = logging.getLogger("loramix.protocol")
 
@@ -84,6 +84,8 @@ class CompositionRequest(StrictModel):
 
 # ---------------------------------------------------------------- requests
 
+MAX_LOGPROBS = 20  # most top logprobs per position (OpenAI's and vLLM's default limit)
+
 
 class StreamOptions(LenientModel):
     include_usage: bool = False
@@ -152,9 +154,7 @@ class SamplingFields(LenientModel):
 # the field). Fields in IGNORED_FIELDS are accepted and ignored; any other unknown field is
 # logged and ignored, so clients that send fields newer than this list keep working.
 _UNSUPPORTED: dict[str, tuple] = {
-    "echo": (None, False),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
+    "echo": (None, False),  # chat only: completions declare it
     "best_of": (None, 1),
     "suffix": (None, ""),
     "tools": (None, []),
@@ -242,6 +242,24 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Return the logprob of each output token.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="With `logprobs`: also the N most likely tokens at each position.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top_logprobs
+
+    def num_logprobs(self) -> int | None:
+        """Top-N logprobs per output token for the engine (None: none asked for)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def num_prompt_logprobs(self) -> int | None:
+        return None  # chat does not echo
 
     def output_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -254,6 +272,21 @@ class CompletionRequest(SamplingFields):
     ]})
 
     prompt: str | list[str] | list[int] | list[list[int]]
+    # Completions only: with `echo`, 0 answers the prompt alone (lm-eval's loglikelihood).
+    max_tokens: int | None = Field(None, ge=0)
+    echo: bool = Field(False, description="Answer the prompt followed by the completion "
+                       "(with `logprobs`: the prompt's tokens too, the first one with null).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="Return each token's logprob and the N most likely tokens at each position.")
+
+    def num_logprobs(self) -> int | None:
+        """Top-N logprobs per token for the engine (None: none asked for)."""
+        return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        """Top-N logprobs per prompt token: with `echo`, the prompt's logprobs are answered."""
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod
@@ -322,6 +355,32 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class CompletionLogprobs(BaseModel):
+    """Text completions' logprobs: per token its text, logprob (null for an echoed prompt's
+    first token), {text: logprob} of the most likely tokens, and its offset in the text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    """Chat completions' logprobs: one entry per output token."""
+
+    content: list[ChatTokenLogprob] | None = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -331,7 +390,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -352,7 +411,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -368,7 +427,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -378,6 +437,57 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+# ---------------------------------------------------------------- tokenizer endpoints (as vLLM's)
+
+
+class TokenizeRequest(LenientModel):
+    """POST /tokenize: a text prompt, or chat messages rendered by the chat template."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": "math+code", "prompt": "2 + 3 ="},
+        {"messages": [{"role": "user", "content": "What is 2 + 3?"}]},
+    ]})
+
+    model: str | None = Field(None, description="Any served model (all share one tokenizer).")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = Field(
+        None, description="Add the tokenizer's special tokens (BOS); default true for a "
+        "prompt, false for messages (the template writes them).")
+    add_generation_prompt: bool = Field(True, description="With messages: open the assistant turn.")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+
+
+class DetokenizeRequest(LenientModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "math", "tokens": [1, 42, 7]}]})
+
+    model: str | None = Field(None, description="Any served model (all share one tokenizer).")
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info: the tokenizer's class and special tokens (no file paths)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tokenizer_class: str
 
 
 # ---------------------------------------------------------------- errors, operations, compositions

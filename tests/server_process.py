@@ -24,7 +24,7 @@ def free_port() -> int:
 class ServerProcess:
     """`loramix serve` with the given flags; `url`, `metrics()`, `health()`, `stop()`."""
 
-    def __init__(self, log_path: Path, **flags) -> None:
+    def __init__(self, log_path: Path, *, ready_timeout_s: float = 240, **flags) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -40,7 +40,7 @@ class ServerProcess:
         env = {k: v for k, v in env.items() if not k.startswith("LORAMIX_")}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        self._wait_ready(ready_timeout_s)
 
     def _wait_ready(self, limit_s: float = 480) -> None:
         deadline = time.monotonic() + limit_s

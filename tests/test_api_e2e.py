@@ -341,7 +341,7 @@ def wait_for(condition, limit_s: float = 60.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("logprobs", 2), ("best_of", 3)])
+@pytest.mark.parametrize("field, value", [("suffix", " end"), ("logit_bias", {"7": 5}), ("best_of", 3)])
 def test_unsupported_openai_features_are_refused_not_ignored(client, field, value):
     with pytest.raises(openai.BadRequestError) as caught:
         complete(client, "math", extra_body={field: value})

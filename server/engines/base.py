@@ -59,9 +59,29 @@ class SamplingOptions:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
+    # Log-probabilities (vLLM's default `raw_logprobs`: log_softmax of the model's logits
+    # before temperature, top-p or penalties). None: not computed. N >= 0: each sampled
+    # token's logprob plus the N most likely tokens at that step.
+    logprobs: int | None = None
+    # The same for the prompt's tokens (the first prompt token has none), for `echo`.
+    prompt_logprobs: int | None = None
+
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One position's log-probabilities.
+
+    token_id / logprob: the token at this position (sampled, or the prompt's) and its logprob.
+    top: the N most likely tokens at this position as (token_id, logprob), most likely first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -73,6 +93,9 @@ class GenerationDelta:
     finish_reason: None while running, then "stop" (EOS or a stop string), "length"
         (max_tokens reached) or "abort" (the request was aborted).
     num_prompt_tokens / num_output_tokens: running totals, for `usage`.
+    logprobs: one entry per token in token_ids, when `SamplingOptions.logprobs` is set.
+    prompt_logprobs: one entry per prompt token (None for the first), on the first delta
+        only, when `SamplingOptions.prompt_logprobs` is set.
     """
 
     text: str
@@ -80,6 +103,8 @@ class GenerationDelta:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class EngineError(RuntimeError):

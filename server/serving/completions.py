@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import metrics
 from server.composer import Resolved
-from server.engines.base import AdapterHandle, EngineRequestError, SamplingOptions
+from server.engines.base import AdapterHandle, EngineRequestError, GenerationDelta, SamplingOptions
 from server.errors import LoramixError, from_exception, invalid_request
 from server.limits import check_num_sequences
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
@@ -29,6 +29,8 @@ from server.serving.generation import (
     count_tokens,
     stream_sequences,
 )
+from server.serving.logprobs import (ChatChoiceFormatter, ChoiceFormatter, ChoiceOutput,
+                                     CompletionChoiceFormatter, Echo)
 from server.serving.shapes import CHAT, COMPLETIONS, EndpointShape
 from server.state import ServerState
 
@@ -50,6 +52,8 @@ def sampling_options(request: SamplingFields, max_tokens: int, choice: int = 0) 
         seed=None if request.seed is None else request.seed + choice,
         stop=request.stop_strings(),
         stop_token_ids=tuple(request.stop_token_ids or ()),
+        logprobs=request.num_logprobs(),
+        prompt_logprobs=request.num_prompt_logprobs(),
     )
     return SamplingOptions(**values)
 
@@ -109,6 +113,12 @@ class Generation:
     jobs: list[SequenceJob]
     handle: AdapterHandle | None
     adapter_pin: contextlib.AsyncExitStack
+    formatters: dict[int, ChoiceFormatter]  # choice index -> its echo and logprobs
+
+    def output(self, index: int, item: SequenceResult | GenerationDelta) -> ChoiceOutput:
+        """A choice's result or stream delta as the endpoint answers it."""
+        return self.formatters[index].format(item.text, item.token_ids, item.logprobs,
+                                             item.prompt_logprobs, item.finish_reason)
 
 
 class CompletionService:
@@ -128,7 +138,9 @@ class CompletionService:
         budget_param = ("max_completion_tokens" if request.max_completion_tokens
                         else "max_tokens" if request.max_tokens else None)
         check_output_budget(request, prompts, max_tokens, self.state.engine.max_model_len, budget_param)
-        return await self._run(CHAT, request, resolved, prompts, max_tokens, started)
+        formatter = lambda prompt_index: ChatChoiceFormatter(self.state.encoder.token_texts,
+                                                             request.num_logprobs())
+        return await self._run(CHAT, request, resolved, prompts, max_tokens, started, formatter)
 
     async def completion(self, request: CompletionRequest) -> Response:
         started = time.perf_counter()
@@ -136,10 +148,22 @@ class CompletionService:
         resolved = await self._resolve(request)
         encode = self.state.encoder.text
         prompts = await asyncio.to_thread(lambda: [encode(p) for p in request.prompts()])
-        max_tokens = request.output_budget() or 16
+        budget = request.output_budget()
+        if budget == 0 and not request.echo:
+            raise invalid_request("max_tokens must be at least 1 (0 only with echo: true).", "max_tokens")
+        # max_tokens 0 (only with echo): one token is generated, none answered (as vLLM).
+        max_tokens = 16 if budget is None else max(budget, 1)
         budget_param = "max_tokens" if request.max_tokens else None
         check_output_budget(request, prompts, max_tokens, self.state.engine.max_model_len, budget_param)
-        return await self._run(COMPLETIONS, request, resolved, prompts, max_tokens, started)
+        echoes = [self._echo(text, ids, budget == 0) if request.echo else None
+                  for text, ids in zip(request.prompts(), prompts)]
+        formatter = lambda prompt_index: CompletionChoiceFormatter(
+            self.state.encoder.token_texts, request.num_logprobs(), echoes[prompt_index])
+        return await self._run(COMPLETIONS, request, resolved, prompts, max_tokens, started, formatter)
+
+    def _echo(self, prompt: str | list[int], token_ids: list[int], only_prompt: bool) -> Echo:
+        text = prompt if isinstance(prompt, str) else self.state.encoder.decode(token_ids)
+        return Echo(text, token_ids, only_prompt)
 
     async def _resolve(self, request: SamplingFields) -> Resolved:
         unsupported = request.unsupported_fields()
@@ -148,12 +172,13 @@ class CompletionService:
         await self.state.composer.refresh_skills()
         return self.state.composer.resolve(request.model, request.composition)
 
-    async def _run(self, shape, request, resolved, prompts, max_tokens, started) -> Response:
+    async def _run(self, shape, request, resolved, prompts, max_tokens, started, formatter) -> Response:
         pin = contextlib.AsyncExitStack()
         handle = await pin.enter_async_context(self.state.composer.adapter(resolved.spec))
+        jobs = _jobs(prompts, request, max_tokens)
         generation = Generation(
-            shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", resolved, prompts,
-            _jobs(prompts, request, max_tokens), handle, pin,
+            shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", resolved, prompts, jobs, handle, pin,
+            {job.index: formatter(job.index // request.n) for job in jobs},
         )
         # The server's own share of the latency (resolve, tokenize, merged adapter), as a
         # standard Server-Timing header.
@@ -172,7 +197,8 @@ class CompletionService:
             except EngineRequestError as exc:
                 raise _endpoint_error(exc, gen.shape) from exc
         count_tokens(results)
-        body = gen.shape.respond(gen.request_id, int(time.time()), gen.resolved.model_name, results,
+        outputs = [gen.output(job.index, result) for job, result in zip(gen.jobs, results)]
+        body = gen.shape.respond(gen.request_id, int(time.time()), gen.resolved.model_name, outputs,
                                  _usage(gen.prompts, results))
         return body.model_dump()
 
@@ -189,7 +215,7 @@ class CompletionService:
                         yield _sse(opening)
                 async for index, delta in stream_sequences(self.state.engine, gen.request_id, gen.jobs, gen.handle):
                     accumulate(results[index], delta)
-                    yield _sse(chunk(gen.request_id, index, delta, created, model))
+                    yield _sse(chunk(gen.request_id, index, gen.output(index, delta), created, model))
             ordered = [results[job.index] for job in gen.jobs]
             count_tokens(ordered)
             if include_usage:

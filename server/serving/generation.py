@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import anyio
 
 from server import metrics
-from server.engines.base import AdapterHandle, Engine, GenerationDelta, SamplingOptions
+from server.engines.base import AdapterHandle, Engine, GenerationDelta, SamplingOptions, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class SequenceResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 _DONE = object()
@@ -107,6 +110,11 @@ def accumulate(result: SequenceResult, delta: GenerationDelta) -> None:
     result.num_output_tokens = max(result.num_output_tokens, delta.num_output_tokens)
     if delta.finish_reason is not None:
         result.finish_reason = delta.finish_reason
+    result.token_ids += delta.token_ids
+    if delta.logprobs is not None:
+        result.logprobs = (result.logprobs or []) + delta.logprobs
+    if delta.prompt_logprobs is not None:
+        result.prompt_logprobs = delta.prompt_logprobs
 
 
 def count_tokens(results: list[SequenceResult]) -> None:

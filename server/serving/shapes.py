@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from server.engines.base import GenerationDelta
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -17,11 +16,11 @@ from server.protocol import (
     DeltaMessage,
     Usage,
 )
-from server.serving.generation import SequenceResult
+from server.serving.logprobs import ChoiceOutput
 
-# item of a stream chunk: None opens a choice, a GenerationDelta continues it, a Usage ends
+# item of a stream chunk: None opens a choice, a ChoiceOutput continues it, a Usage ends
 # the stream (index -1).
-ChunkItem = GenerationDelta | Usage | None
+ChunkItem = ChoiceOutput | Usage | None
 
 
 @dataclass(frozen=True)
@@ -30,14 +29,15 @@ class EndpointShape:
 
     path: str
     id_prefix: str
-    respond: Callable[[str, int, str, list[SequenceResult], Usage], object]
+    respond: Callable[[str, int, str, list[ChoiceOutput], Usage], object]
     chunk: Callable[[str, int, ChunkItem, int, str], str | None]
     prompt_param: str  # the request field that holds the prompt, for errors about it
 
 
-def chat_response(request_id: str, created: int, model: str, results: list[SequenceResult], usage: Usage):
+def chat_response(request_id: str, created: int, model: str, results: list[ChoiceOutput], usage: Usage):
     choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason)
+        ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
+                   logprobs=r.logprobs)
         for i, r in enumerate(results)
     ]
     return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
@@ -50,13 +50,15 @@ def chat_chunk(request_id: str, index: int, item: ChunkItem, created: int, model
         choice = ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
     else:
         content = item.text if item.text or item.finish_reason is None else None
-        choice = ChatChunkChoice(index=index, delta=DeltaMessage(content=content), finish_reason=item.finish_reason)
+        choice = ChatChunkChoice(index=index, delta=DeltaMessage(content=content), finish_reason=item.finish_reason,
+                                 logprobs=item.logprobs)
     chunk = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
     return chunk.model_dump_json(exclude_none=True)
 
 
-def completion_response(request_id: str, created: int, model: str, results: list[SequenceResult], usage: Usage):
-    choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+def completion_response(request_id: str, created: int, model: str, results: list[ChoiceOutput], usage: Usage):
+    choices = [CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason, logprobs=r.logprobs)
+               for i, r in enumerate(results)]
     return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
 
 
@@ -65,7 +67,7 @@ def completion_chunk(request_id: str, index: int, item: ChunkItem, created: int,
         return CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=item).model_dump_json()
     if item is None:
         return None  # text completions have no opening chunk
-    choice = CompletionChoice(index=index, text=item.text, finish_reason=item.finish_reason)
+    choice = CompletionChoice(index=index, text=item.text, finish_reason=item.finish_reason, logprobs=item.logprobs)
     chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
     return chunk.model_dump_json(exclude={"usage"})
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from server.engines.base import EngineError
+from server.engines.base import EngineError, TokenLogprobs
+from server.engines.local.logprobs import position_logprobs, prompt_logprobs
 from server.engines.local.lora_layers import LoraBatchContext
 from server.engines.local.sampling import sample_rows
 from server.engines.local.sequence import Sequence
@@ -38,6 +39,14 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
         return t
     pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
     return F.pad(t, pad)
+
+
+def _sampled_logprobs(seq: Sequence, logits: torch.Tensor, token: int) -> list[TokenLogprobs] | None:
+    """The sampled token's logprobs for a sequence that asked for them. logits: [vocab]"""
+    num_top = seq.sampling.logprobs
+    if num_top is None:
+        return None
+    return position_logprobs(logits.unsqueeze(0), [token], num_top)
 
 
 class ModelRunner:
@@ -96,8 +105,10 @@ class ModelRunner:
                 admitted.append(seq)
         return admitted, waiting
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, rows) -> torch.Tensor:
-        """Run the model; returns the last position's logits [rows, vocab] as float32 on CPU."""
+    def _forward(self, input_ids, attention_mask, position_ids, cache, rows,
+                 all_positions: bool = False) -> torch.Tensor:
+        """Run the model; returns the last position's logits [rows, vocab] as float32 on CPU,
+        or with all_positions the logits of every input position [rows, L, vocab] as they are."""
         row_slots = [s.slot for s in rows]
         self.context.set_slots(row_slots, input_ids.shape[1], self.slots.max_loras, self.device)
         self.num_forward_passes += 1
@@ -106,11 +117,13 @@ class ModelRunner:
         try:
             out = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                past_key_values=cache, use_cache=True, logits_to_keep=0 if all_positions else 1,
                 cache_position=torch.arange(length - input_ids.shape[1], length,
                                             device=self.device))
         finally:
             self.context.clear()
+        if all_positions:
+            return out.logits
         return out.logits[:, -1, :].float().cpu()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -123,7 +136,15 @@ class ModelRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(input_ids, mask, position_ids, cache, seqs)
+        echo = any(seq.sampling.prompt_logprobs is not None for seq in seqs)
+        logits = self._forward(input_ids, mask, position_ids, cache, seqs, all_positions=echo)
+        if echo:  # [rows, length, vocab]: the prompt's logprobs, then the last position's logits
+            for i, seq in enumerate(seqs):
+                if seq.sampling.prompt_logprobs is not None:
+                    seq.prompt_logprobs = prompt_logprobs(
+                        logits[i, length - seq.num_prompt_tokens:], seq.prompt_token_ids,
+                        seq.sampling.prompt_logprobs)
+            logits = logits[:, -1, :].float().cpu()
         self._join(seqs, cache, mask)
         self._sample(seqs, logits)
 
@@ -141,17 +162,18 @@ class ModelRunner:
         # logits: [len(seqs), vocab] float32 on CPU
         live = [i for i, seq in enumerate(seqs) if not seq.is_done]
         seqs = [seqs[i] for i in live]
+        live_logits = logits[live]
         try:
-            tokens = sample_rows([s.sampler for s in seqs], logits[live],
+            tokens = sample_rows([s.sampler for s in seqs], live_logits,
                                  [s.prompt_token_ids for s in seqs],
                                  [s.output_token_ids for s in seqs])
         except Exception as exc:  # noqa: BLE001 - a sampling bug fails these rows, not the batch
             tokens = [exc] * len(seqs)
-        for seq, token in zip(seqs, tokens):
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
             try:
                 if isinstance(token, BaseException):
                     raise token
-                seq.append_token(token)
+                seq.append_token(token, _sampled_logprobs(seq, live_logits[row], token))
             except Exception as exc:  # noqa: BLE001 - one sequence's failure is its own
                 self._fail_one(seq, exc)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from server.engines.base import AdapterHandle, GenerationDelta, SamplingOptions
+from server.engines.base import AdapterHandle, GenerationDelta, SamplingOptions, TokenLogprobs
 from server.engines.local.sampling import IncrementalDetokenizer, StopChecker, TokenSampler
 
 
@@ -27,6 +27,7 @@ class Sequence:
     is_admitted: bool = False
     is_finished: bool = False
     is_aborted: bool = False
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # set at prefill, sent once
 
     def __post_init__(self) -> None:
         sampling = self.sampling
@@ -48,8 +49,9 @@ class Sequence:
     def is_done(self) -> bool:
         return self.is_finished or self.is_aborted
 
-    def append_token(self, token_id: int) -> None:
-        """Record a sampled token, decide whether the request is finished, emit the delta."""
+    def append_token(self, token_id: int, logprobs: list[TokenLogprobs] | None = None) -> None:
+        """Record a sampled token (and its logprobs, if asked for), decide whether the
+        request is finished, emit the delta."""
         self.output_token_ids.append(token_id)
         finish_reason = self._finish_reason(token_id)
         is_final = finish_reason is not None
@@ -68,6 +70,8 @@ class Sequence:
             finish_reason=finish_reason,
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=len(self.output_token_ids),
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs if len(self.output_token_ids) == 1 else None,
         ))
 
     def _is_stop_token(self, token_id: int) -> bool:

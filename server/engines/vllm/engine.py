@@ -20,6 +20,7 @@ from server.engines.base import (
     EngineRequestError,
     GenerationDelta,
     SamplingOptions,
+    TokenLogprobs,
 )
 from server.engines.vllm import compat
 from server.engines.vllm.options import VllmOptions, engine_args_kwargs
@@ -180,6 +181,7 @@ class VllmEngine(Engine):
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     completion = output.outputs[0]
+                    first = num_output_tokens == 0
                     num_output_tokens += len(completion.token_ids)
                     yield GenerationDelta(
                         text=completion.text,
@@ -187,6 +189,9 @@ class VllmEngine(Engine):
                         finish_reason=_finish_reason(output, request_id),
                         num_prompt_tokens=len(prompt_token_ids),
                         num_output_tokens=num_output_tokens,
+                        logprobs=_logprobs(completion.token_ids, completion.logprobs, sampling.logprobs),
+                        prompt_logprobs=_logprobs(prompt_token_ids, output.prompt_logprobs,
+                                                  sampling.prompt_logprobs) if first else None,
                     )
         except Exception as exc:
             if not compat.is_client_error(exc):
@@ -273,7 +278,25 @@ def _sampling_params(sampling: SamplingOptions) -> SamplingParams:
         include_stop_str_in_output=sampling.include_stop_str_in_output,
         skip_special_tokens=sampling.skip_special_tokens,
         output_kind=RequestOutputKind.DELTA,
+        logprobs=sampling.logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
     )
+
+
+def _logprobs(token_ids, positions, num_top: int | None) -> list[TokenLogprobs | None] | None:
+    """vLLM's per-position logprobs ({token_id: Logprob(logprob, rank, ...)}: the position's
+    token and the top `num_top` by rank; None for a prompt's first token) as TokenLogprobs."""
+    if num_top is None or positions is None:
+        return None
+    return [None if position is None else _position_logprobs(token_id, position, num_top)
+            for token_id, position in zip(token_ids, positions)]
+
+
+def _position_logprobs(token_id: int, position: dict, num_top: int) -> TokenLogprobs:
+    ranked = sorted((logprob.rank, top_id, logprob.logprob) for top_id, logprob in position.items()
+                    if logprob.rank is not None and logprob.rank <= num_top)
+    top = tuple((top_id, value) for _, top_id, value in ranked)
+    return TokenLogprobs(token_id, position[token_id].logprob, top)
 
 
 def _bad_request(code: str, message: str, param: str | None) -> Exception:
