@@ -49,7 +49,7 @@ def start_server(work: Path, engine: str, port: int) -> subprocess.Popen:
     """`loramix serve` on the demo model with a fresh cache; returns once /health answers."""
     args = [
         sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine", engine,
-        "--demo-dir", str(work / "demo"), "--cache-dir", str(work / "cache"), "--log-level", "warning",
+        "--demo", "lab", "--demo-dir", str(work / "demo"), "--cache-dir", str(work / "cache"), "--log-level", "warning",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = open(work / "server.log", "wb")

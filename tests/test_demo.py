@@ -150,3 +150,36 @@ def test_lab_tokenizer_speaks_the_task_format(tmp_path):
 def test_unknown_world_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown demo world"):
         ensure_demo(tmp_path / "x", world="nosuch")
+
+
+def test_smollm2_world_serves_the_converted_model_and_its_shipped_skills(tmp_path, monkeypatch, tiny_base):
+    """The default world: the base comes from lab.real.base (stubbed here: the real conversion
+    takes minutes), served under the model's name, with the skills of lab/real/assets."""
+    import lab.demo as demo
+    from lab.real import base as real_base
+
+    calls = []
+    monkeypatch.setattr(real_base, "ensure_base_model", lambda root=None: calls.append(root) or tiny_base)
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(demo, "REAL_SKILLS", shipped)
+    paths = ensure_demo(tmp_path / "demo", models_root=tmp_path / "models")
+    assert demo.DEFAULT_WORLD == "smollm2" and calls == [tmp_path / "models"]
+    assert (paths.base_dir, paths.served_name) == (tiny_base, "SmolLM2-135M-Instruct")
+    assert list(paths.skills_dir.iterdir()) == []
+    build_skill_adapter(tiny_base, shipped / "words", rank=4, alpha=8)
+    (shipped / "words" / "train_report.json").write_text("{}")
+    paths = ensure_demo(tmp_path / "demo", models_root=tmp_path / "models")  # new skills: reinstalled
+    assert sorted(p.name for p in (paths.skills_dir / "words").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    lab = ensure_demo(tmp_path / "demo", world="lab")
+    assert lab.served_name == "loramix-demo" and lab.base_dir == tmp_path / "demo" / "base"
+
+
+def test_serve_settings_offer_every_world():
+    import typing
+
+    from lab.demo import WORLDS
+    from server.settings import Settings
+
+    assert typing.get_args(Settings.model_fields["demo"].annotation) == WORLDS
+    assert Settings().demo == "smollm2"
