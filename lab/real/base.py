@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -90,15 +91,22 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def ensure_base_model(models_root: Path | None = None) -> Path:
+def file_source(gguf_path: Path) -> tuple[Path, str]:
+    """(path, a version naming its content) for a GGUF file outside the package (a machine
+    without registry access gets the file alone; lab/real/gpu_pack.sh)."""
+    digest = hashlib.sha256(Path(gguf_path).read_bytes()).hexdigest()
+    return Path(gguf_path), f"file-sha256-{digest[:16]}"
+
+
+def ensure_base_model(models_root: Path | None = None, gguf_file: Path | None = None) -> Path:
     """The converted model directory, `models_root/SmolLM2-135M-Instruct`, converting it first
     if it is missing or was made from another package version.
 
     The conversion is written to a temporary directory beside the target and renamed into
     place, marker included, so a reader never sees a half-written model; a file lock makes
-    concurrent callers convert once.
+    concurrent callers convert once. `gguf_file` converts that file instead of the package's.
     """
-    gguf_path, version = gguf_source()
+    gguf_path, version = gguf_source() if gguf_file is None else file_source(gguf_file)
     root = Path(models_root) if models_root is not None else default_models_root()
     target = root / MODEL_NAME
     if is_converted(target, version):
@@ -128,9 +136,10 @@ def ensure_base_model(models_root: Path | None = None) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-root", type=Path, default=None, help="default: ~/.cache/loramix/models")
+    parser.add_argument("--gguf", type=Path, default=None, help=f"a copy of {GGUF_FILE} (default: the package's)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = ensure_base_model(args.models_root)
+    path = ensure_base_model(args.models_root, args.gguf)
     print(f"{path} ({time.perf_counter() - start:.1f} s)")
 
 
