@@ -208,7 +208,7 @@ def _normalise_config(config_path: Path, base_model_name: str) -> None:
 def _version(world: str) -> str:
     if world not in WORLDS:
         raise ValueError(f"unknown demo world {world!r}; choose one of {', '.join(WORLDS)}")
-    if world == "smollm2":  # a new set of shipped skills is installed anew
+    if world == "smollm2":  # a new set of skill names reinstalls; retrained ones: bump the version
         return f"{_REAL_VERSION}:{','.join(skill.name for skill in _real_skills())}"
     return _LAB_VERSION if world == "lab" else _DEMO_VERSION
 
@@ -233,9 +233,8 @@ def ensure_demo(root: Path | str, *, world: str | None = None, models_root: Path
     "lab" (trained skill-lab model and skills, copied from lab/assets) or "tiny" (random tiny
     model and skills, built); None means DEFAULT_WORLD.
     Layout: root/base (model + tokenizer; smollm2: the models cache), root/skills/<skill> (PEFT
-    adapters). A marker file
-    written last names the world of a finished install; an incomplete install, or one of
-    another world, is removed and redone. Deterministic: same files every time. A file lock
+    adapters). A marker file written last names the world of a finished install; an
+    incomplete install, or one of another world, is removed and redone. Deterministic: same files every time. A file lock
     makes concurrent callers (several server processes) install once and wait for it.
     """
     world = world or DEFAULT_WORLD

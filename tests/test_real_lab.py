@@ -24,7 +24,8 @@ from lab.real.evaluate import wilson_interval
 
 
 def test_int_to_words_equals_num2words():
-    num2words = pytest.importorskip("num2words").num2words
+    from num2words import num2words  # a test dependency (pyproject's `test` extra)
+
     rng = random.Random(0)
     numbers = list(range(0, 20_000)) + [rng.randrange(10**12) for _ in range(3000)]
     numbers += [10**k for k in range(12)] + [10**k - 1 for k in range(1, 13)] + [1_000_001, 1_000_100]
@@ -162,8 +163,7 @@ def test_composites_use_the_format_phrasings_the_skills_train_on():
 
 
 def test_capitals_table_is_the_one_countryinfo_gives():
-    pytest.importorskip("countryinfo")
-    table = capitals_from_countryinfo()
+    table = capitals_from_countryinfo()  # countryinfo: a test dependency
     pairs = load_capitals()
     assert [tuple(p) for p in table["capitals"]] == pairs
     assert len(pairs) >= 200 and len({c for c, _ in pairs}) == len(pairs)
@@ -276,5 +276,6 @@ def test_train_skill_smoke_on_tiny_model(tiny_base, tmp_path):
     assert len(lora_b) == 7 * 2 and all(w.abs().sum() > 0 for w in lora_b)  # trained away from zero
     assert report["eval"]["n"] == 4 and len(lines) == 4
     assert json.loads((out / "train_report.json").read_text())["training"]["final_loss"] > 0
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32), str(out))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out))
     assert model.peft_config["default"].r == 16

@@ -130,7 +130,8 @@ def train_skill(model, tokenizer, skill: str, config: TrainConfig, log=print) ->
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            log(f"{skill} step {step + 1}/{config.steps} loss {sum(losses[-config.log_every:]) / len(losses[-config.log_every:]):.4f}")
+            recent = losses[-config.log_every:]
+            log(f"{skill} step {step + 1}/{config.steps} loss {sum(recent) / len(recent):.4f}")
     model.eval()
     tail = losses[-max(1, config.steps // 10):]
     return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
