@@ -6,7 +6,7 @@
 #   bash .gpu-real/pK/stage.sh          (carry .gpu-real/pK)
 # The last part reassembles the file, checks its sha256, installs gguf into /tmp/site-real and
 # converts the model to /tmp/models/SmolLM2-135M-Instruct. Then, in the same warm machine:
-#   PYTHONPATH=/tmp/site-real:$PWD python -m lab.real.train --device cuda \
+#   PYTHONPATH=/tmp/site-real:$PWD python3 -m lab.real.train --device cuda \
 #       --base /tmp/models/SmolLM2-135M-Instruct --out $OUT/skills
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,8 +34,8 @@ echo "staged \$have of $count parts"
 [ "\$have" -eq $count ] || exit 0
 cat /tmp/real-stage/model.gguf.* > /tmp/real-stage/SmolLM2-135M-Instruct.Q4_1.gguf
 echo "$sha  /tmp/real-stage/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
-python -m pip install -q --no-deps --target /tmp/site-real /tmp/real-stage/gguf-*.whl
-PYTHONPATH=/tmp/site-real:\$PWD python -m lab.real.base --models-root /tmp/models \\
+python3 -m pip install -q --no-deps --target /tmp/site-real /tmp/real-stage/gguf-*.whl
+PYTHONPATH=/tmp/site-real:\$PWD python3 -m lab.real.base --models-root /tmp/models \\
   --gguf /tmp/real-stage/SmolLM2-135M-Instruct.Q4_1.gguf
 STAGE
 done
