@@ -11,12 +11,28 @@ import pytest
 
 from lab.real import base as real_base
 from lab.real.checks import (
-    CHECKERS, contains_phrase, fold, int_to_words, is_correct, json_matches, last_integer,
-    number_word_runs, says_in_words,
+    CHECKERS,
+    contains_phrase,
+    fold,
+    int_to_words,
+    is_correct,
+    json_matches,
+    last_integer,
+    number_word_runs,
+    says_in_words,
 )
 from lab.real.data import (
-    COMPOSITE_SKILLS, COMPOSITES, EVAL_SIZE, RECALL_TASKS, SKILLS, TASKS, capitals_from_countryinfo,
-    eval_set, json_instruction, load_capitals, train_examples,
+    COMPOSITE_SKILLS,
+    COMPOSITES,
+    EVAL_SIZE,
+    RECALL_TASKS,
+    SKILLS,
+    TASKS,
+    capitals_from_countryinfo,
+    eval_set,
+    json_instruction,
+    load_capitals,
+    train_examples,
 )
 from lab.real.evaluate import wilson_interval
 
@@ -27,7 +43,7 @@ def test_int_to_words_equals_num2words():
     from num2words import num2words  # a test dependency (pyproject's `test` extra)
 
     rng = random.Random(0)
-    numbers = list(range(0, 20_000)) + [rng.randrange(10**12) for _ in range(3000)]
+    numbers = list(range(20_000)) + [rng.randrange(10**12) for _ in range(3000)]
     numbers += [10**k for k in range(12)] + [10**k - 1 for k in range(1, 13)] + [1_000_001, 1_000_100]
     assert [n for n in numbers if int_to_words(n) != num2words(n)] == []
 

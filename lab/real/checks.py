@@ -134,7 +134,7 @@ def has_no_lowercase(text: str) -> bool:
 def _strip_wrapping(text: str) -> str:
     """Surrounding whitespace, quotes and a final period removed; inner whitespace collapsed."""
     text = " ".join(text.split()).strip("\"'“”")
-    return text[:-1] if text.endswith(".") else text
+    return text.removesuffix(".")
 
 
 # --- one checker per task: (reply, expected) -> bool -----------------------------------------

@@ -33,7 +33,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,7 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def eval_set(task: str, size: int = EVAL_SIZE) -> tuple[Example, ...]:
     """`size` examples of `task` with distinct keys, the same every time."""
     _check_task(task)
