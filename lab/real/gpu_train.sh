@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU machine's side of training the real-model skills, after lab/real/gpu_pack.sh's parts
+# were staged (they convert SmolLM2-135M-Instruct to /tmp/models). One step per device run:
+#   bash lab/real/gpu_train.sh train   # train all five skills; bf16 adapters, one tar each, to $OUT
+#   bash lab/real/gpu_train.sh eval    # accuracy (n per task) of the base, each skill, cat merges
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=/tmp/site-real:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+OUTDIR=${OUT:-/tmp/real-out}; mkdir -p "$OUTDIR"
+BASE=/tmp/models/SmolLM2-135M-Instruct
+SKILLS=/tmp/real-skills
+N=${N:-200}
+case "${1:?train or eval}" in
+  train)
+    python3 -m lab.real.train --device cuda --base "$BASE" --out "$SKILLS" --skill all 2>&1 | grep -v Warning | tail -40
+    python3 - "$SKILLS" <<'PY'
+import sys, pathlib, torch
+from safetensors.torch import load_file, save_file
+for f in pathlib.Path(sys.argv[1]).glob("*/adapter_model.safetensors"):
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(f).items()}, f)
+PY
+    for d in "$SKILLS"/*/; do tar -cf "$OUTDIR/$(basename "$d").tar" -C "$SKILLS" "$(basename "$d")"; done
+    ls -la "$OUTDIR"
+    ;;
+  eval)
+    EV=/tmp/real-eval; mkdir -p $EV
+    python3 -m lab.real.evaluate --device cuda --base "$BASE" --size "$N" --out "$EV/base.json" 2>&1 | tail -12
+    for s in arithmetic words capital json upper; do
+      python3 -m lab.real.evaluate --device cuda --base "$BASE" --adapter "$SKILLS/$s" --size "$N" \
+        --out "$EV/$s.json" 2>&1 | tail -10
+    done
+    for pair in arithmetic,words arithmetic,json capital,json capital,upper; do
+      a=${pair%,*}; b=${pair#*,}
+      python3 -m server.cli merge "$SKILLS/$a" "$SKILLS/$b" -o "/tmp/merged_${a}_$b" --method cat --quiet
+      python3 -m lab.real.evaluate --device cuda --base "$BASE" --adapter "/tmp/merged_${a}_$b" --size "$N" \
+        --out "$EV/cat_${a}_$b.json" 2>&1 | tail -10
+    done
+    python3 -c "import json,sys,pathlib; print(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path('$EV').glob('*.json'))}))" > "$OUTDIR/eval.json"
+    ;;
+esac
