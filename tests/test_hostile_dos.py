@@ -267,3 +267,17 @@ async def wait_until(condition, limit_s: float = WAIT_S) -> bool:
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+def test_sse_events_hold_no_raw_line_separators():
+    """Generated text may hold U+0085, U+2028 or U+2029: JSON leaves them raw, and line readers
+    built on str.splitlines (httpx's aiter_lines) would cut the `data:` line (found by the soak
+    bench). The event escapes them; the decoded JSON is unchanged."""
+    import json
+
+    from server.serving.completions import _sse
+
+    payload = json.dumps({"text": "a\u2028b\u2029c\x85d\n"}, ensure_ascii=False)
+    event = _sse(payload)
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):-2]) == {"text": "a\u2028b\u2029c\x85d\n"}

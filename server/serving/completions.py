@@ -35,8 +35,14 @@ from server.serving.shapes import CHAT, COMPLETIONS, EndpointShape
 from server.state import ServerState
 
 
+# Characters JSON leaves unescaped that line readers split on (str.splitlines, which httpx's
+# aiter_lines uses): a generated U+2028 would cut a `data:` line in two for such clients.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
+    """One server-sent event. `payload` is JSON; inside its strings the escapes mean the same."""
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n"
 
 
 # SamplingOptions fields a request carries under the same name (None: the option's default).
