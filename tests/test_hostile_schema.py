@@ -12,6 +12,11 @@ from collections import Counter
 
 import pytest
 import schemathesis
+# Imported at collection, not lazily inside a test: schemathesis is a pytest plugin, so its
+# modules are assertion-rewritten (ast.parse) on first import, and on CPython 3.11.7 a parse
+# after an earlier test's caught RecursionError can fail with "AST constructor recursion depth
+# mismatch" (seen once in a full run).
+import schemathesis.specs.openapi.schemas  # noqa: F401
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from schemathesis.checks import (
