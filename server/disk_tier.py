@@ -9,8 +9,8 @@ Rules that make sharing safe (docs/server.md, "Sharing the cache directory"):
   the ones this replica wrote) and deletes only entries untouched for `grace_s` seconds, by
   renaming them away first, so a reader never sees half an entry.
 - A temp dir is stale, and removed, when its writer is gone: on this host, its process is
-  dead; on any host, its heartbeat (the writer touches it while building) is older than
-  `grace_s`.
+  dead (or, for this process's pid, it is not one this process is writing now); on other
+  hosts, its heartbeat (the writer touches it while building) is older than `grace_s`.
 """
 
 from __future__ import annotations
@@ -97,11 +97,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# Temp dirs this process is writing now. A temp dir with this process's pid that is not here
+# was left by an earlier process that had the same pid (a restarted container's pid 1).
+_LIVE_TMPS: set[str] = set()
+
+
 def tmp_is_stale(entry: Path, grace_s: float, now: float) -> bool:
     """Whether temp dir `entry` (.tmp-<key16>-<host>-<pid>-<random>) was left by a writer that
     is gone. A pid only means something on its own host; elsewhere the heartbeat decides."""
     parts = entry.name[len(TMP_PREFIX):].split("-")
-    if len(parts) == 4 and parts[1] == HOST_ID and parts[2].isdigit() and int(parts[2]) != os.getpid():
+    if len(parts) == 4 and parts[1] == HOST_ID and parts[2].isdigit():
+        if int(parts[2]) == os.getpid():
+            return entry.name not in _LIVE_TMPS
         return not _pid_alive(int(parts[2]))
     try:
         return now - entry.stat().st_mtime > grace_s
@@ -198,8 +205,9 @@ class DiskTier:
     def write(self, key: str, build: BuildFn, tmp: Path) -> tuple[merging.LoraAdapter, dict]:
         """Build `key` into `tmp` and rename it into place. If another writer got there first
         with a complete entry, adopt theirs (same content: the key is content-addressed)."""
-        tmp.mkdir()
+        _LIVE_TMPS.add(tmp.name)
         try:
+            tmp.mkdir()
             adapter, info = build(tmp)
             info = {**info, "key": key, "created": time.time()}
             (tmp / INFO_NAME).write_text(json.dumps(info, sort_keys=True))
@@ -207,18 +215,21 @@ class DiskTier:
             self._index_one(self.path(key), time.time())
             return existing or (adapter, info)
         finally:
+            _LIVE_TMPS.discard(tmp.name)
             shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(self, key: str, adapter: merging.LoraAdapter, info: dict) -> None:
         """Write an entry this replica still holds in memory back to disk (another replica
         evicted it while it was unused for the grace period)."""
         tmp = self.new_tmp(key)
-        tmp.mkdir()
+        _LIVE_TMPS.add(tmp.name)
         try:
+            tmp.mkdir()
             adapter.save(tmp)
             (tmp / INFO_NAME).write_text(json.dumps(info, sort_keys=True))
             self._publish(key, tmp)
         finally:
+            _LIVE_TMPS.discard(tmp.name)
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _publish(self, key: str, tmp: Path) -> tuple[merging.LoraAdapter, dict] | None:

@@ -159,3 +159,22 @@ def test_two_servers_on_one_directory_serve_while_the_other_evicts(tiny_base, sk
             assert {model: text_of(a, model) for model in models} == expected
             assert {"code*0.5+math*0.5@cat", "lookup*0.5+poetry*0.5@cat"} <= _stored_models(cache_dir)
             assert {model: text_of(b, model) for model in models} == expected
+
+
+def test_a_temp_dir_this_process_is_writing_is_never_stale(tmp_path):
+    """Found as a flaky test: with a zero grace period, one cache's sweep deleted a temp dir
+    another cache in the same process was still writing (its pid is alive, its mtime old).
+    A temp dir with this pid is stale only when this process is not writing it."""
+    from server.disk_tier import _LIVE_TMPS, DiskTier, tmp_is_stale
+
+    disk = DiskTier(tmp_path, grace_s=0.0, on_error=lambda *a: None)
+    writing, leftover = disk.new_tmp(key_of("a")), disk.new_tmp(key_of("b"))
+    for path in (writing, leftover):
+        path.mkdir()
+        _age(path, 60)
+    _LIVE_TMPS.add(writing.name)
+    try:
+        assert not tmp_is_stale(writing, 0.0, time.time())
+        assert tmp_is_stale(leftover, 0.0, time.time())  # an earlier process with this pid
+    finally:
+        _LIVE_TMPS.discard(writing.name)
