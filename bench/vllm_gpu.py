@@ -252,8 +252,8 @@ def phase_agreement(args, work: Path) -> dict:
 
     import merging
     from server.engines.base import AdapterHandle
-    from server.engines.local import LocalEngine
-    from server.engines.vllm import VllmEngine
+    from server.engines.local import LocalEngine, LocalSettings
+    from server.engines.vllm import VllmEngine, VllmSettings
 
     dtype = _dtype(args)
     torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
@@ -285,10 +285,10 @@ def phase_agreement(args, work: Path) -> dict:
             ]
         del model
     engines = {
-        "vllm": lambda: VllmEngine(work / "base", max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype=dtype,
-                                   enforce_eager=True, gpu_memory_utilization=0.5,
-                                   max_model_len=args.max_model_len),
-        "local": lambda: LocalEngine(work / "base", max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype=dtype),
+        "vllm": lambda: VllmEngine(work / "base", VllmSettings(
+            max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype=dtype, enforce_eager=True,
+            gpu_memory_utilization=0.5, max_model_len=args.max_model_len)),
+        "local": lambda: LocalEngine(work / "base", LocalSettings(max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype=dtype)),
     }
     result = {"dtype": dtype, "tokens": args.check_tokens, "num_prompts": len(prompts), "engines": {}}
     for label, make in engines.items():

@@ -1,67 +1,39 @@
-"""The `loramix` command line. `serve` flags are generated from server.settings.Settings, so
-every setting is a flag (--base-model), an env var (LORAMIX_BASE_MODEL) and a field, once."""
+"""The `loramix` command line (typer). `serve` hands its arguments to pydantic-settings, which
+parses them into server.settings.Settings: every setting is a flag (--base-model), an env var
+(LORAMIX_BASE_MODEL) and a field, declared once."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 
 from server.settings import Settings
 
 app = typer.Typer(help="loramix: an OpenAI-compatible server that composes skill LoRA adapters per request.")
 
-# Extra spellings of some flags (`--skills DIR`, as the README writes it).
-_ALIASES = {"skills_dir": ("--skills",)}
 
-
-def _option_type(annotation) -> type:
-    """The scalar type typer should parse for a settings field (Optional / Literal unwrapped)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
-        return _option_type(args[0])
-    if typing.get_origin(annotation) is typing.Literal:
-        return str
-    return annotation if annotation in (str, int, float, bool, Path) else str
-
-
-def _settings_parameters() -> list[inspect.Parameter]:
-    params = []
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = _option_type(field.annotation)
-        if kind is bool:
-            decls = (f"{flag}/--no-{flag[2:]}",)
-        else:
-            decls = (flag, *_ALIASES.get(name, ()))
-        env = f"LORAMIX_{name.upper()}"
-        option = typer.Option(None, *decls, help=f"{field.description} [env: {env}; default: {field.default}]",
-                              show_default=False)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=Optional[kind]))
-    return params
-
-
-def _serve(**flags) -> None:
-    """Start the HTTP server (with no --base-model: the built-in demo model and skills)."""
+@app.command("serve", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(ctx: typer.Context) -> None:
+    """Start the HTTP server (with no --base-model: the demo); `loramix serve --help` lists its flags."""
     import uvicorn
 
     from server.app import create_app
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = Settings(**{name: value for name, value in flags.items() if value is not None})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
-
-
-_serve.__signature__ = inspect.Signature(_settings_parameters())
-app.command("serve")(_serve)
+    try:  # a bad value, or engine options the chosen engine cannot take
+        settings = Settings(_cli_parse_args=ctx.args)
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        server_app = create_app(settings)
+    except ValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(server_app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 
 
 # --- merge: offline merging from the command line. The logic is the merging library's

@@ -6,8 +6,10 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engines.settings import EngineSettings, LocalOptions, LocalSettings, VllmOptions, VllmSettings
 
 
 def default_cache_root() -> Path:
@@ -21,10 +23,8 @@ def cache_dir_name(base_dir: Path, skills_dir: Path | None) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-class Settings(BaseSettings):
-    """Every setting of `loramix serve`. Each field is also the env var LORAMIX_<FIELD_NAME>."""
-
-    model_config = SettingsConfigDict(env_prefix="LORAMIX_", extra="ignore")
+class ServerOptions(BaseModel):
+    """What the server itself has (the engines' options are in server/engines/settings.py)."""
 
     base_model: Path | None = Field(
         None, description="Directory of the base model (HF format). Unset: serve the built-in demo model."
@@ -65,28 +65,6 @@ class Settings(BaseSettings):
         description="Reject compositions whose merged rank exceeds the engine's max LoRA rank "
         "(400 rank_limit_exceeded) instead of compressing them to that rank.",
     )
-    max_loras: int = Field(8, ge=1, description="Adapters resident in the engine at once (slots).")
-    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank the engine accepts.")
-    max_cpu_loras: int | None = Field(None, ge=1, description="vLLM: adapters kept in CPU memory.")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: tensor-parallel GPUs.")
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="vLLM: fraction of accelerator memory to use."
-    )
-    max_model_len: int | None = Field(
-        None, ge=2, description="Maximum context length, prompt plus output (default: the model's)."
-    )
-    dtype: str = Field(
-        "auto",
-        description="Model dtype: auto, float32, bfloat16, float16 "
-        "(auto: float32 on the local engine, the checkpoint's dtype on vLLM).",
-    )
-    enforce_eager: bool = Field(False, description="Never capture CUDA graphs (vLLM and the local engine).")
-    max_batch_size: int = Field(16, ge=1, description="Local engine: sequences decoded per step.")
-    kv_cache: Literal["auto", "dynamic", "static"] = Field(
-        "auto", description="Local engine: KV cache layout; static (preallocated, replayed from "
-        "CUDA graphs on a GPU) or dynamic (grown per step); auto = static on CUDA."
-    )
-    device: str | None = Field(None, description="Local engine: torch device (default: cuda if available, else cpu).")
     default_max_tokens: int = Field(
         256, ge=1, description="Chat completion length when a request gives no max_tokens."
     )
@@ -126,6 +104,34 @@ class Settings(BaseSettings):
         4, ge=0, description="Compositions of at most this many skills merge in the small lane, larger "
         "ones in the large lane (0: every merge uses the large lane)."
     )
+
+
+
+class Settings(BaseSettings, VllmOptions, LocalOptions, EngineSettings, ServerOptions):
+    """
+    Serve an OpenAI-compatible API that composes skill LoRA adapters per request (with no
+    --base-model: the built-in demo model and skills). Every option is a flag and a
+    LORAMIX_<NAME> environment variable; flags win. The engines' options are declared in
+    server/engines/settings.py; `local` and `vllm` give each engine its part.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAMIX_", extra="ignore",
+        # The command line `loramix serve` parses into these settings (server/cli.py).
+        cli_prog_name="loramix serve", cli_kebab_case=True, cli_implicit_flags=True,
+        cli_shortcuts={"skills-dir": "skills"}, cli_show_env_vars=True, cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
+
+    @property
+    def local(self) -> LocalSettings:
+        """The local engine's part of these settings."""
+        return LocalSettings.model_validate(self, from_attributes=True)
+
+    @property
+    def vllm(self) -> VllmSettings:
+        """The vLLM engine's part of these settings (checked against vLLM's limits here)."""
+        return VllmSettings.model_validate(self, from_attributes=True)
 
     def resolved_cache_dir(self, base_dir: Path, skills_dir: Path | None) -> Path:
         """The composition disk-cache directory: `cache_dir` as given, else one of its own for

@@ -14,7 +14,7 @@ from server_process import ServerProcess
 import merging
 from lab.demo import build_skill_adapter, build_tiny_base
 from server.app import create_app
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.errors import LoramixError, from_exception
 from server.settings import Settings
 
@@ -50,7 +50,7 @@ def test_unexpected_exception_is_500_without_details():
 
 def test_internal_error_through_the_app_leaks_no_path(tiny_base, skills_dir, tmp_path):
     settings = Settings(base_model=tiny_base, skills_dir=skills_dir, cache_dir=tmp_path / "cache")
-    app = create_app(settings, engine=LocalEngine(tiny_base, max_lora_rank=16))
+    app = create_app(settings, engine=LocalEngine(tiny_base, LocalSettings(max_lora_rank=16)))
 
     @app.get("/v1/explode")
     async def explode():
@@ -175,7 +175,7 @@ def test_skills_added_or_removed_while_serving_are_picked_up(strict_server, stri
 
 def test_bad_module_weights_are_400_and_do_not_poison_the_cache(tiny_base, skills_dir, tmp_path):
     settings = Settings(base_model=tiny_base, skills_dir=skills_dir, cache_dir=tmp_path / "cache")
-    app = create_app(settings, engine=LocalEngine(tiny_base, max_lora_rank=16))
+    app = create_app(settings, engine=LocalEngine(tiny_base, LocalSettings(max_lora_rank=16)))
     body = {"model": settings.served_model_name or tiny_base.name, "prompt": "The sum of", "max_tokens": 2,
             "temperature": 0}
     composition = {"skills": {"math": 0.5, "code": 0.5}, "method": "cat"}

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from server.app import create_app
 from server.composition import is_valid_name
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.settings import Settings
 
 BASE = "tiny"
@@ -67,7 +67,7 @@ def make_broken(skills_dir, root, kind):
 
 def serve(tiny_base, skills, tmp_path) -> TestClient:
     settings = Settings(base_model=tiny_base, skills_dir=skills, served_model_name=BASE, cache_dir=tmp_path / "cache")
-    return TestClient(create_app(settings, engine=LocalEngine(tiny_base, max_lora_rank=16)),
+    return TestClient(create_app(settings, engine=LocalEngine(tiny_base, LocalSettings(max_lora_rank=16))),
                       raise_server_exceptions=False)
 
 

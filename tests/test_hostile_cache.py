@@ -22,7 +22,7 @@ import merging
 from server.app import create_app
 from server.cache import INFO_NAME
 from server.disk_tier import HOST_ID
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.settings import Settings
 
 BASE = "tiny"
@@ -52,7 +52,7 @@ def make_read_only(monkeypatch, directory):
 def serve(tiny_base, skills, cache_dir, **settings) -> TestClient:
     settings = Settings(base_model=tiny_base, skills_dir=skills, served_model_name=BASE, cache_dir=cache_dir,
                         **settings)
-    return TestClient(create_app(settings, engine=LocalEngine(tiny_base, max_lora_rank=16)),
+    return TestClient(create_app(settings, engine=LocalEngine(tiny_base, LocalSettings(max_lora_rank=16))),
                       raise_server_exceptions=False)
 
 

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 import merging
 from server.app import create_app
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.settings import Settings
 
 BASE = "tiny"
@@ -31,7 +31,7 @@ async def serving(tiny_base, skills_dir, tmp_path, **limits):
     """The app with its lifespan running, and an httpx client talking to it over ASGI."""
     settings = Settings(base_model=tiny_base, skills_dir=skills_dir, served_model_name=BASE,
                         cache_dir=tmp_path / "cache", **limits)
-    app = create_app(settings, engine=LocalEngine(tiny_base, max_lora_rank=16))
+    app = create_app(settings, engine=LocalEngine(tiny_base, LocalSettings(max_lora_rank=16)))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://loramix", timeout=WAIT_S) as client:

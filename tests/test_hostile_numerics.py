@@ -21,7 +21,7 @@ import merging
 from lab.demo import build_skill_adapter
 from server.app import create_app
 from server.engines.base import AdapterHandle, NonFiniteOutputError, SamplingOptions
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.engines.local.sampling import TokenSampler
 from server.settings import Settings
 
@@ -46,7 +46,7 @@ def client(tiny_base, hostile_skills, tmp_path_factory):
     cache = tmp_path_factory.mktemp("hostile-cache")
     settings = Settings(base_model=tiny_base, skills_dir=hostile_skills, cache_dir=cache,
                         served_model_name=BASE)
-    engine = LocalEngine(tiny_base, max_lora_rank=MAX_LORA_RANK)
+    engine = LocalEngine(tiny_base, LocalSettings(max_lora_rank=MAX_LORA_RANK))
     app = create_app(settings, engine=engine)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         test_client.engine = engine
@@ -220,7 +220,7 @@ def test_poisoned_sequence_fails_alone_in_its_batch(tiny_base, hostile_skills, k
         late = await _tokens(engine, "b3", short_prompt, greedy, handles["code"])  # b1, b2 still run
         return alone, await asyncio.gather(*batch[:2]), poisoned, late, engine.health()
 
-    engine = LocalEngine(tiny_base, max_lora_rank=16, kv_cache=kv_cache, max_model_len=128, device="cpu")
+    engine = LocalEngine(tiny_base, LocalSettings(max_lora_rank=16, kv_cache=kv_cache, max_model_len=128, device="cpu"))
     alone, together, (poisoned_tokens, error), late, health = _run(engine, scenario)
     assert health["max_adapters_per_pass"] == 3  # the three shared a forward pass
     assert poisoned_tokens == [] and isinstance(error, NonFiniteOutputError)

@@ -28,7 +28,7 @@ from schemathesis.checks import (
 )
 
 from server.app import create_app
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -94,7 +94,7 @@ def api_schema(tiny_base, skills_dir, tmp_path_factory):
         base_model=tiny_base, skills_dir=skills_dir, served_model_name=BASE, api_key=API_KEY,
         cache_dir=tmp_path_factory.mktemp("schema-cache"), default_max_tokens=MAX_OUTPUT_TOKENS,
     )
-    app = create_app(server_settings, engine=LocalEngine(tiny_base, max_lora_rank=16, max_model_len=64))
+    app = create_app(server_settings, engine=LocalEngine(tiny_base, LocalSettings(max_lora_rank=16, max_model_len=64)))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)
     add_hooks(schema)
     return schema

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import merging
 from server.engines.base import AdapterHandle, EngineError, SamplingOptions
-from server.engines.local import AdapterRankError, LocalEngine
+from server.engines.local import AdapterRankError, LocalEngine, LocalSettings
 
 GREEDY = SamplingOptions(max_tokens=12, temperature=0.0)
 SKILLS = ("math", "code", "poetry", "lookup")
@@ -48,7 +48,7 @@ def handles(skills_dir, tmp_path_factory):
 def run_engine(tiny_base, scenario, **options):
     """Start a LocalEngine, run `scenario(engine)` on a fresh event loop, shut it down."""
     async def main():
-        engine = LocalEngine(tiny_base, **options)
+        engine = LocalEngine(tiny_base, LocalSettings(**options))
         await engine.start()
         try:
             return await scenario(engine)

@@ -19,9 +19,9 @@ from server.engines.local.slots import AdapterSlots
 from tests.optional_deps import require_module
 
 
-def _layer(max_loras=3, max_lora_rank=8):
+def _layer(max_loras=3, max_lora_rank=8, engine_fused="auto"):
     torch.manual_seed(0)
-    context = LoraBatchContext()
+    context = LoraBatchContext(engine_fused=engine_fused)
     return MultiLoraLinear(nn.Linear(16, 12, bias=False), context, max_loras, max_lora_rank)
 
 
@@ -59,12 +59,11 @@ def test_each_token_gets_its_slots_delta_and_slot_minus_one_is_bit_identical():
 def test_triton_path_plans_once_per_batch_and_matches_torch(monkeypatch, engine_fused):
     """On the Triton backend the layer calls add_lora_planned: the same result as the torch
     path, one plan per layer signature, and the batch's meta reused while the slots stay.
-    LORAMIX_ENGINE_FUSED=decode forces the one-launch fused kernel at decode sizes."""
-    monkeypatch.setenv("LORAMIX_ENGINE_FUSED", engine_fused)
+    engine_fused="decode" forces the one-launch fused kernel at decode sizes."""
     require_module("triton")
     # CPU tensors under the interpreter; on a GPU host the compiled kernels on CUDA tensors.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    layer = _layer().to(device)
+    layer = _layer(engine_fused=engine_fused).to(device)
     gen = torch.Generator().manual_seed(2)
     delta = {}
     for slot, rank in ((0, 4), (2, 8)):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from server.engines.base import AdapterHandle, EngineError, SamplingOptions
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.engines.local.static_decode import column_bucket, row_buckets
 from server.engines.local.static_kv import StaticKV
 from tests.optional_deps import require_module
@@ -124,9 +124,9 @@ def test_graph_buckets():
 
 def test_static_option_errors(tiny_base):
     with pytest.raises(ValueError, match="kv_cache"):
-        LocalEngine(tiny_base, kv_cache="paged")
+        LocalEngine(tiny_base, LocalSettings(kv_cache="paged"))
     with pytest.raises(ValueError, match="max_model_len"):
-        LocalEngine(tiny_base, max_model_len=1)
+        LocalEngine(tiny_base, LocalSettings(max_model_len=1))
 
 
 def test_static_triton_metas_refill_in_place(tiny_base, handles, prompts, monkeypatch):

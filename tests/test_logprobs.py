@@ -16,7 +16,7 @@ from server_process import ServerProcess
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from server.engines.base import SamplingOptions
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 
 API_KEY = "logprobs-key"
 BASE = "tiny"
@@ -49,7 +49,7 @@ def test_local_engine_logprobs_match_transformers_in_a_mixed_batch(tiny_base, to
     asking = SamplingOptions(max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=2)
 
     async def main():
-        engine = LocalEngine(tiny_base, max_batch_size=4)
+        engine = LocalEngine(tiny_base, LocalSettings(max_batch_size=4))
         await engine.start()
         try:
             async def run(request_id, ids, sampling):

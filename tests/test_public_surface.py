@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from server_process import free_port, metric_value
 
 from server.app import create_app
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.settings import Settings
 
 API_KEY = "surface-key"
@@ -25,7 +25,7 @@ HEALTH_DETAIL = {"status", "model", "skills", "engine"}
 def make_app(tiny_base, skills_dir, cache_dir, api_key=None):
     settings = Settings(base_model=tiny_base, skills_dir=skills_dir, served_model_name="tiny",
                         cache_dir=cache_dir, api_key=api_key)
-    return create_app(settings, engine=LocalEngine(tiny_base, max_lora_rank=16))
+    return create_app(settings, engine=LocalEngine(tiny_base, LocalSettings(max_lora_rank=16)))
 
 
 @pytest.fixture(scope="module")

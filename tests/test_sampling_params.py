@@ -13,7 +13,7 @@ from server_process import ServerProcess
 from transformers import AutoTokenizer
 
 from server.engines.base import SamplingOptions
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.engines.local import logits as ops
 from server.engines.local.sampling import TokenSampler, sample_rows
 from server.protocol import _UNSUPPORTED, IGNORED_FIELDS, CompletionRequest
@@ -136,7 +136,7 @@ def engine_runs(tiny_base, tokenizer):
         return dict(await asyncio.gather(*(one(n, s) for n, s in cases.items())))
 
     async def main():
-        engine = LocalEngine(tiny_base, device="cpu")
+        engine = LocalEngine(tiny_base, LocalSettings(device="cpu"))
         await engine.start()
         try:
             # The greedy first token is made a stop token: it ends the sequence at once, unless

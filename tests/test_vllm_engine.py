@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import merging  # noqa: E402
 from server.engines.base import AdapterHandle, EngineError, EngineRequestError, SamplingOptions  # noqa: E402
-from server.engines.vllm import VllmEngine  # noqa: E402
+from server.engines.vllm import VllmEngine, VllmSettings  # noqa: E402
 from tests.vllm_surface import exceptions_missing_in_0_26, surface_0_26_proxy  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -52,7 +52,7 @@ def engine(loop, tiny_base):
     import vllm.exceptions
 
     engine = VllmEngine(
-        tiny_base, max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype="float32", enforce_eager=True
+        tiny_base, VllmSettings(max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype="float32", enforce_eager=True)
     )
     loop.run_until_complete(engine.start())
     with pytest.MonkeyPatch.context() as patch:
@@ -148,9 +148,9 @@ def alone(loop, engine, adapters, prompt_ids) -> dict[tuple[str, int], list[int]
 
 def test_rejects_ranks_vllm_does_not_support(tiny_base):
     with pytest.raises(ValueError, match="max_lora_rank must be one of 1, 8, 16, 32, 64"):
-        VllmEngine(tiny_base, max_lora_rank=12)
+        VllmEngine(tiny_base, VllmSettings(max_lora_rank=12))
     with pytest.raises(ValueError, match=r"max_cpu_loras \(2\) must be >= max_loras \(4\)"):
-        VllmEngine(tiny_base, max_loras=4, max_cpu_loras=2)
+        VllmEngine(tiny_base, VllmSettings(max_loras=4, max_cpu_loras=2))
 
 
 @pytest.mark.parametrize("name", ["math+code@cat", "math+code@lego", "math*0.7+poetry*0.3@cat", "poetry"])
@@ -171,9 +171,9 @@ def test_adapters_change_the_output(alone, prompt_ids, tiny_base, tokenizer):
 
 
 def test_greedy_tokens_match_local_engine(loop, adapters, alone, prompt_ids, tiny_base):
-    from server.engines.local import LocalEngine
+    from server.engines.local import LocalEngine, LocalSettings
 
-    local = LocalEngine(tiny_base, max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype="float32", device="cpu")
+    local = LocalEngine(tiny_base, LocalSettings(max_loras=4, max_lora_rank=MAX_LORA_RANK, dtype="float32", device="cpu"))
     loop.run_until_complete(local.start())
     try:
         for name in ("base", "math+code@cat", "math+code@lego"):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from server.engines.vllm import compat
-from server.engines.vllm.options import VllmOptions, engine_args_kwargs
+from server.engines.vllm import VllmSettings, compat
+from server.engines.vllm.options import engine_args_kwargs
 from tests import vllm_surface
 from tests.optional_deps import require_all
 from tests.vllm_surface import read_surface, surface_0_26_proxy
@@ -143,7 +143,7 @@ def test_every_constructor_keyword_exists(surface):
 
 @pytest.mark.parametrize("is_cpu", [False, True], ids=["gpu", "cpu"])
 def test_engine_arguments_exist(surface, is_cpu):
-    kwargs = engine_args_kwargs(VllmOptions(model_dir=Path("m"), max_model_len=64), is_cpu=is_cpu)
+    kwargs = engine_args_kwargs(Path("m"), VllmSettings(max_model_len=64), is_cpu=is_cpu)
     fields = set(surface["classes"]["vllm.engine.arg_utils.AsyncEngineArgs"])
     assert not set(kwargs) - fields, f"vLLM {surface['version']} lacks {set(kwargs) - fields}"
 

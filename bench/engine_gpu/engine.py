@@ -124,11 +124,11 @@ def time_replays(engine, device: str, count: int = 50) -> dict[str, float]:
 async def bench_engine(base_dir, adapter_dirs, prompts, cfg, repeats, deadline,
                        profile_top: int = 0, options: dict | None = None) -> dict:
     from server.engines.base import AdapterHandle
-    from server.engines.local import LocalEngine
+    from server.engines.local import LocalEngine, LocalSettings
 
-    engine = LocalEngine(base_dir, max_loras=len(adapter_dirs), max_lora_rank=cfg["rank"],
-                         dtype=cfg["dtype"], device=cfg["device"],
-                         max_batch_size=cfg["requests"], **(options or {}))
+    engine = LocalEngine(base_dir, LocalSettings(max_loras=len(adapter_dirs), max_lora_rank=cfg["rank"],
+                                                 dtype=cfg["dtype"], device=cfg["device"],
+                                                 max_batch_size=cfg["requests"], **(options or {})))
     await engine.start()
     diffs = check_replays(engine, 64) if engine.cuda_graphs else []
     handles = [AdapterHandle(i + 1, f"skill{i}", path, rank=cfg["rank"])

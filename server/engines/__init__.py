@@ -30,28 +30,10 @@ def create_engine(settings: "Settings", model_dir: Path | None = None) -> "Engin
     if name == "vllm":
         from server.engines.vllm import VllmEngine
 
-        return VllmEngine(
-            model_dir,
-            max_loras=settings.max_loras,
-            max_lora_rank=settings.max_lora_rank,
-            max_cpu_loras=settings.max_cpu_loras,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_len,
-            dtype=settings.dtype,
-            enforce_eager=settings.enforce_eager,
-        )
+        return VllmEngine(model_dir, settings.vllm)
     from server.engines.local import LocalEngine
 
-    return LocalEngine(
-        model_dir,
-        max_loras=settings.max_loras,
-        max_lora_rank=settings.max_lora_rank,
-        # The local engine is the fp32 reference; "auto" keeps it there.
-        dtype="float32" if settings.dtype == "auto" else settings.dtype,
-        device=settings.device,
-        max_batch_size=settings.max_batch_size,
-        max_model_len=settings.max_model_len,
-        kv_cache=settings.kv_cache,
-        enforce_eager=settings.enforce_eager,
-    )
+    local = settings.local
+    if local.dtype == "auto":  # the local engine is the fp32 reference; "auto" keeps it there
+        local = local.model_copy(update={"dtype": "float32"})
+    return LocalEngine(model_dir, local)

@@ -2,5 +2,6 @@
 
 from server.engines.local.engine import LocalEngine
 from server.engines.local.slots import AdapterRankError
+from server.engines.settings import LocalSettings
 
-__all__ = ["AdapterRankError", "LocalEngine"]
+__all__ = ["AdapterRankError", "LocalEngine", "LocalSettings"]

@@ -24,56 +24,37 @@ from server.engines.local.lora_layers import (DEFAULT_TARGET_MODULES, LoraBatchC
 from server.engines.local.runner import ModelRunner, StaticModelRunner
 from server.engines.local.sequence import Sequence
 from server.engines.local.slots import AdapterSlots, check_rank, load_checked
+from server.engines.settings import LocalSettings
 
 logger = logging.getLogger("loramix.engines.local")
 
-KV_CACHES = ("auto", "dynamic", "static")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "auto": "auto"}
+# Settings' dtype names (vLLM's float and half included); auto: the checkpoint's dtype.
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
 
 class LocalEngine(Engine):
-    """The embedded engine (see docs/local_engine.md). Options:
-
-    max_loras: adapters resident at once (slots); max_lora_rank: largest rank accepted;
-    dtype: float32 | float16 | bfloat16 | auto (the checkpoint's); device: torch device
-    (default cuda if available, else cpu); max_batch_size: rows decoded per forward pass;
-    target_modules: names of the linear layers that get LoRA slots; max_model_len: longest
-    context, prompt plus output (default and upper bound: the model's
-    max_position_embeddings); kv_cache: dynamic (grown per step), static (preallocated for
-    max_batch_size rows of max_model_len tokens) or auto (static on CUDA); enforce_eager:
-    never capture CUDA graphs (a static cache on CUDA replays its decode steps from graphs).
-    """
+    """The embedded engine (see docs/local_engine.md), configured by LocalSettings (their
+    help texts say what each option does). target_modules: names of the linear layers that
+    get LoRA slots. max_model_len defaults to, and is bounded by, the model's
+    max_position_embeddings."""
 
     name = "local"
 
-    def __init__(self, model_dir: Path | str, *, max_loras: int = 8, max_lora_rank: int = 64,
-                 dtype: str = "float32", device: str | None = None, max_batch_size: int = 16,
-                 target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
-                 max_model_len: int | None = None, kv_cache: str = "auto",
-                 enforce_eager: bool = False) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
-        if max_model_len is not None and max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
-        for label, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank),
-                             ("max_batch_size", max_batch_size)):
-            if value < 1:
-                raise ValueError(f"{label} must be >= 1, got {value}")
+    def __init__(self, model_dir: Path | str, settings: LocalSettings | None = None, *,
+                 target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES) -> None:
+        self.settings = settings = settings or LocalSettings()
         self.model_dir = Path(model_dir)
-        self.max_loras = max_loras
-        self._max_lora_rank = max_lora_rank
-        self.dtype = dtype
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.max_batch_size = max_batch_size
+        self.max_loras = settings.max_loras
+        self.dtype = settings.dtype
+        self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.max_batch_size = settings.max_batch_size
         self.target_modules = tuple(target_modules)
         self.tokenizer = None
-        self._max_model_len_option = max_model_len
+        self._max_model_len_option = settings.max_model_len
         self.max_model_len: int | None = None
-        self.kv_cache = kv_cache  # resolved to "dynamic" or "static" at start
-        self.enforce_eager = enforce_eager
+        self.kv_cache = settings.kv_cache  # resolved to "dynamic" or "static" at start
+        self.enforce_eager = settings.enforce_eager
         self.cuda_graphs = False
         self._runner: ModelRunner | None = None
         self._slots: AdapterSlots | None = None
@@ -85,7 +66,7 @@ class LocalEngine(Engine):
 
     @property
     def max_lora_rank(self) -> int:
-        return self._max_lora_rank
+        return self.settings.max_lora_rank
 
     async def start(self) -> None:
         """Load model and tokenizer (off the event loop) and start the scheduler task."""
@@ -103,13 +84,13 @@ class LocalEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_DTYPES[self.dtype])
         model.to(self.device).eval()
-        context = LoraBatchContext()
+        context = LoraBatchContext(engine_fused=self.settings.engine_fused)
         layers = install_lora_layers(model, context, max_loras=self.max_loras,
-                                     max_lora_rank=self._max_lora_rank,
+                                     max_lora_rank=self.settings.max_lora_rank,
                                      target_modules=self.target_modules)
         if not layers:
             raise EngineError(f"The model has no linear layers named {self.target_modules}.")
-        self._slots = AdapterSlots(layers, self.max_loras, self._max_lora_rank)
+        self._slots = AdapterSlots(layers, self.max_loras, self.settings.max_lora_rank)
         config = model.config
         limits = [n for n in (self._max_model_len_option,
                               getattr(config, "max_position_embeddings", None)) if n]
@@ -190,9 +171,9 @@ class LocalEngine(Engine):
         slots = self._require_started()
         if slots.is_registered(handle.adapter_id):
             return
-        check_rank(handle.name, handle.rank, self._max_lora_rank)
+        check_rank(handle.name, handle.rank, self.settings.max_lora_rank)
         adapter = await asyncio.to_thread(load_checked, handle, slots.layers,
-                                          self._max_lora_rank)
+                                          self.settings.max_lora_rank)
         slots.register(handle, adapter)
 
     async def remove_adapter(self, adapter_id: int) -> None:
@@ -319,7 +300,7 @@ class LocalEngine(Engine):
             "running": self._task is not None,
             "device": str(self.device),
             "max_loras": self.max_loras,
-            "max_lora_rank": self._max_lora_rank,
+            "max_lora_rank": self.settings.max_lora_rank,
             "max_batch_size": self.max_batch_size,
             "max_model_len": self.max_model_len,
             "kv_cache": self.kv_cache,

@@ -9,7 +9,6 @@ built once and shared by every layer); slot -1 leaves the base layer's output un
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -19,18 +18,14 @@ from kernels import LoraBatchMeta, add_lora, add_lora_planned, backend_for, buil
 
 # Eager decode is bound by the host, not the GPU: Triton's launcher costs tens of µs per launch
 # against 5–8 µs of kernel time (bench/kernels_notes.md, runs 5–6), so one fused launch per
-# layer can beat the shrink+expand pair the kernel-time rule picks. LORAMIX_ENGINE_FUSED:
+# layer can beat the shrink+expand pair the kernel-time rule picks. The engine_fused setting:
 # "auto" = the GPU table's rule (kernel time), "decode" = fused up to FUSED_DECODE_TOKENS.
 FUSED_DECODE_TOKENS = 64
 
 
-def _engine_fused(num_tokens: int) -> bool | None:
-    mode = os.environ.get("LORAMIX_ENGINE_FUSED", "auto")
-    if mode == "decode":
-        return True if num_tokens <= FUSED_DECODE_TOKENS else None
-    if mode != "auto":
-        raise ValueError(f"LORAMIX_ENGINE_FUSED must be auto or decode, not {mode!r}")
-    return None
+def _engine_fused(mode: str, num_tokens: int) -> bool | None:
+    """The planned path's forced kernel choice: True (fused) or None (the kernel-time rule)."""
+    return True if mode == "decode" and num_tokens <= FUSED_DECODE_TOKENS else None
 
 
 DEFAULT_TARGET_MODULES = (
@@ -53,6 +48,7 @@ class LoraBatchContext:
     slot_ids: torch.Tensor | None = None  # [num_tokens] int32
     single_slot: int | None = None
     meta: LoraBatchMeta | None = None
+    engine_fused: str = "auto"  # the engine_fused setting (see _engine_fused)
     fused: bool | None = None  # forced kernel choice of the planned path (see _engine_fused)
     # (set_slots arguments, slot_ids, single_slot, meta) of the last active pass
     _last: tuple | None = field(default=None, repr=False)
@@ -65,7 +61,7 @@ class LoraBatchContext:
         if all(slot < 0 for slot in row_slots):
             return
         self.is_active = True
-        self.fused = _engine_fused(len(row_slots) * tokens_per_row)
+        self.fused = _engine_fused(self.engine_fused, len(row_slots) * tokens_per_row)
         is_triton = backend_for(torch.empty(0, device=device)) == "triton"
         key = (tuple(row_slots), tokens_per_row, num_slots, device, is_triton)
         if self._last is not None and self._last[0] == key:
@@ -88,7 +84,7 @@ class LoraBatchContext:
         self.clear()
         self.is_active = True
         self.meta, self.slot_ids = meta, meta.slot_ids
-        self.fused = _engine_fused(meta.num_tokens)
+        self.fused = _engine_fused(self.engine_fused, meta.num_tokens)
 
     def clear(self) -> None:
         self.is_active = False

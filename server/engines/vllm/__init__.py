@@ -2,6 +2,6 @@
 constructing a VllmEngine without vLLM installed raises EngineError with install advice."""
 
 from server.engines.vllm.engine import INSTALL_HINT, VllmEngine, is_vllm_available
-from server.engines.vllm.options import ALLOWED_MAX_LORA_RANKS, VllmOptions
+from server.engines.settings import ALLOWED_MAX_LORA_RANKS, VllmSettings
 
-__all__ = ["ALLOWED_MAX_LORA_RANKS", "INSTALL_HINT", "VllmEngine", "VllmOptions", "is_vllm_available"]
+__all__ = ["ALLOWED_MAX_LORA_RANKS", "INSTALL_HINT", "VllmEngine", "VllmSettings", "is_vllm_available"]

@@ -23,7 +23,8 @@ from server.engines.base import (
     TokenLogprobs,
 )
 from server.engines.vllm import compat
-from server.engines.vllm.options import VllmOptions, engine_args_kwargs
+from server.engines.settings import VllmSettings
+from server.engines.vllm.options import engine_args_kwargs
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -56,30 +57,9 @@ class VllmEngine(Engine):
 
     name = "vllm"
 
-    def __init__(
-        self,
-        model_dir: Path | str,
-        *,
-        max_loras: int = 4,
-        max_lora_rank: int = 64,
-        max_cpu_loras: int | None = None,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        dtype: str = "auto",
-        enforce_eager: bool = False,
-    ) -> None:
-        self.options = VllmOptions(
-            model_dir=Path(model_dir),
-            max_loras=max_loras,
-            max_lora_rank=max_lora_rank,
-            max_cpu_loras=max_cpu_loras,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            enforce_eager=enforce_eager,
-        )
+    def __init__(self, model_dir: Path | str, settings: VllmSettings | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.settings = settings or VllmSettings()
         if not is_vllm_available():
             raise EngineError(INSTALL_HINT)
         self._llm: AsyncLLM | None = None
@@ -88,7 +68,7 @@ class VllmEngine(Engine):
 
     @property
     def max_lora_rank(self) -> int:
-        return self.options.max_lora_rank
+        return self.settings.max_lora_rank
 
     @property
     def max_model_len(self) -> int | None:
@@ -106,12 +86,12 @@ class VllmEngine(Engine):
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = engine_args_kwargs(self.options, is_cpu=current_platform.is_cpu())
+        kwargs = engine_args_kwargs(self.model_dir, self.settings, is_cpu=current_platform.is_cpu())
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         logger.info(
             "vLLM engine ready: max_loras=%d max_lora_rank=%d max_model_len=%d",
-            self.options.max_loras,
-            self.options.max_lora_rank,
+            self.settings.max_loras,
+            self.settings.max_lora_rank,
             self._llm.model_config.max_model_len,
         )
 
@@ -135,10 +115,10 @@ class VllmEngine(Engine):
         llm = self._require_llm()
         if handle.adapter_id in self._adapters:
             return
-        if handle.rank > self.options.max_lora_rank:
+        if handle.rank > self.settings.max_lora_rank:
             raise EngineError(
                 f"Adapter rank {handle.rank} exceeds the engine's max_lora_rank "
-                f"{self.options.max_lora_rank}."
+                f"{self.settings.max_lora_rank}."
             )
         try:
             await llm.add_lora(_lora_request(handle))
@@ -216,8 +196,8 @@ class VllmEngine(Engine):
             "num_adapters": len(self._adapters),
             "num_running": self._num_running(),
             "num_streams": self._num_streams,
-            "max_loras": self.options.max_loras,
-            "max_lora_rank": self.options.max_lora_rank,
+            "max_loras": self.settings.max_loras,
+            "max_lora_rank": self.settings.max_lora_rank,
             "max_model_len": self.max_model_len,
         }
 
