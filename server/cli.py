@@ -26,14 +26,15 @@ def serve(ctx: typer.Context) -> None:
     from server.app import create_app
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:  # a bad value, or engine options the chosen engine cannot take
+    try:
         settings = Settings(_cli_parse_args=ctx.args)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        server_app = create_app(settings)
-    except ValidationError as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except ValidationError as exc:  # argparse itself exits on unknown flags and bad types
+        for error in exc.errors():
+            flag = "--" + "-".join(map(str, error["loc"])).replace("_", "-")
+            typer.echo(f"error: {flag + ': ' if error['loc'] else ''}{error['msg']}", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(server_app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
 
 
 # --- merge: offline merging from the command line. The logic is the merging library's

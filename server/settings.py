@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.engines.settings import EngineSettings, LocalOptions, LocalSettings, VllmOptions, VllmSettings
@@ -122,6 +122,13 @@ class Settings(BaseSettings, VllmOptions, LocalOptions, EngineSettings, ServerOp
         cli_shortcuts={"skills-dir": "skills"}, cli_show_env_vars=True, cli_hide_none_type=True,
         cli_avoid_json=True,
     )
+
+    @model_validator(mode="after")
+    def _check_chosen_engine(self) -> Settings:
+        """With engine vllm, vLLM's own limits are checked now, before any model is built."""
+        if self.engine == "vllm":
+            self.vllm  # noqa: B018 (validates)
+        return self
 
     @property
     def local(self) -> LocalSettings:
