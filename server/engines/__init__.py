@@ -33,7 +33,4 @@ def create_engine(settings: "Settings", model_dir: Path | None = None) -> "Engin
         return VllmEngine(model_dir, settings.vllm)
     from server.engines.local import LocalEngine
 
-    local = settings.local
-    if local.dtype == "auto":  # the local engine is the fp32 reference; "auto" keeps it there
-        local = local.model_copy(update={"dtype": "float32"})
-    return LocalEngine(model_dir, local)
+    return LocalEngine(model_dir, settings.local)

@@ -30,8 +30,8 @@ class EngineSettings(BaseModel):
     )
     dtype: Dtype = Field(
         "auto", description="Model dtype: auto, float32, bfloat16, float16 (float and half: vLLM's "
-        "spellings of float32 and float16; auto: float32 on the local engine, the checkpoint's "
-        "dtype on vLLM).",
+        "spellings of float32 and float16; auto: float32 on the local engine, the fp32 reference, "
+        "and the checkpoint's dtype on vLLM).",
     )
     enforce_eager: bool = Field(False, description="Never capture CUDA graphs (vLLM and the local engine).")
 

@@ -28,9 +28,10 @@ from server.engines.settings import LocalSettings
 
 logger = logging.getLogger("loramix.engines.local")
 
-# Settings' dtype names (vLLM's float and half included); auto: the checkpoint's dtype.
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-           "half": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+# The settings' dtype names (vLLM's float and half included). This engine is the fp32
+# reference: auto means float32 here.
+_DTYPES = {"auto": torch.float32, "float32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class LocalEngine(Engine):
@@ -46,7 +47,6 @@ class LocalEngine(Engine):
         self.settings = settings = settings or LocalSettings()
         self.model_dir = Path(model_dir)
         self.max_loras = settings.max_loras
-        self.dtype = settings.dtype
         self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.max_batch_size = settings.max_batch_size
         self.target_modules = tuple(target_modules)
@@ -82,7 +82,7 @@ class LocalEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_DTYPES[self.dtype])
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_DTYPES[self.settings.dtype])
         model.to(self.device).eval()
         context = LoraBatchContext(engine_fused=self.settings.engine_fused)
         layers = install_lora_layers(model, context, max_loras=self.max_loras,
