@@ -38,6 +38,21 @@ def test_every_setting_is_a_serve_flag():
     assert "--skills" in result.output
 
 
+def test_serve_flags_win_over_env_and_bad_values_stop_serve_before_it_starts(monkeypatch):
+    monkeypatch.setenv("LORAMIX_MAX_LORAS", "3")
+    monkeypatch.setenv("LORAMIX_STRICT_RANK", "true")
+    settings = Settings(_cli_parse_args=["--max-loras", "5", "--skills", "/s", "--enforce-eager", "--no-strict-rank",
+                                         "--tensor-parallel-size=2"])
+    assert (settings.max_loras, str(settings.skills_dir), settings.enforce_eager, settings.strict_rank) == (5, "/s", True, False)
+    assert settings.vllm.tensor_parallel_size == 2 and settings.local.max_loras == 5
+    result = CliRunner().invoke(cli.app, ["serve", "--engine", "vllm", "--max-lora-rank", "12"])
+    assert result.exit_code == 2 and "max_lora_rank must be one of 1, 8, 16" in result.output
+    result = CliRunner().invoke(cli.app, ["serve", "--max-loras", "0"])
+    assert result.exit_code == 2 and "--max-loras: Input should be greater than or equal to 1" in result.output
+    # vLLM's ranks bind the vLLM engine only
+    assert Settings(engine="local", max_lora_rank=12).local.max_lora_rank == 12
+
+
 def test_auto_engine_prefers_vllm_when_importable(monkeypatch):
     import server.engines as engines
 
