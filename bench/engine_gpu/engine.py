@@ -15,9 +15,11 @@ MODES = {
     "graphs": {"kv_cache": "static"},  # static KV cache, decode replayed from CUDA graphs
     "eager": {"kv_cache": "static", "enforce_eager": True},  # the same, launched eagerly
     "dynamic": {"kv_cache": "dynamic"},  # DynamicCache, eager (the engine before graphs)
+    # eager with one fused launch per layer at decode sizes (the engine_fused setting)
+    "eager_fused": {"kv_cache": "static", "enforce_eager": True, "engine_fused": "decode"},
 }
 MODE_LABELS = {"graphs": "CUDA graphs", "eager": "static KV, eager",
-               "dynamic": "dynamic KV, eager"}
+               "dynamic": "dynamic KV, eager", "eager_fused": "static KV, eager, fused decode"}
 
 
 async def engine_batch(engine, prompts, handles, new_tokens, tag, device) -> dict:
