@@ -14,6 +14,7 @@ from typing import AsyncIterator
 import merging
 
 from server import metrics
+from server.adapter_names import AdapterNames
 from server.cache import CachedComposition, CompositionCache
 from server.composition import (
     CompositionSpec,
@@ -99,6 +100,7 @@ class Composer:
         self.strict_rank = strict_rank
         self.merge_pool = merge_pool
         self.adapter_ids = AdapterIds()
+        self.adapter_names = AdapterNames()
         cache.set_hooks(on_admit=self._register, on_evict=self._unregister)
         self._scan_lock = asyncio.Lock()
 
@@ -252,7 +254,10 @@ class Composer:
 
     def _handle(self, entry: CachedComposition) -> AdapterHandle:
         adapter_id = self.adapter_ids.id_for(entry.key)
-        return AdapterHandle(adapter_id=adapter_id, name=entry.key, path=entry.path, rank=entry.rank)
+        # Every merge records the canonical model string; an entry without one (written by an
+        # older loramix) is named by its key.
+        name = self.adapter_names.name_for(entry.key, entry.info.get("model") or entry.key)
+        return AdapterHandle(adapter_id=adapter_id, name=name, path=entry.path, rank=entry.rank)
 
     async def _register(self, entry: CachedComposition) -> None:
         await self.engine.add_adapter(self._handle(entry))
@@ -260,6 +265,7 @@ class Composer:
 
     async def _unregister(self, entry: CachedComposition) -> None:
         adapter_id = self.adapter_ids.release(entry.key)
+        self.adapter_names.release(entry.key)
         if adapter_id is not None:
             await self.engine.remove_adapter(adapter_id)
         metrics.ENGINE_ADAPTER_REMOVALS.inc()

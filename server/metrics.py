@@ -77,8 +77,9 @@ LORA_REQUESTS_INFO = Gauge(
 def observe_engine(engine) -> None:
     """Read the engine's request counts and adapters into the gauges (at scrape time).
 
-    vllm:lora_requests_info is one series, labelled with the composition keys of running and
-    waiting sequences, whose value is the time it was read, as vLLM sets it."""
+    vllm:lora_requests_info is one series, labelled with the adapter names (canonical
+    composition strings) of running and waiting sequences, whose value is the time it was
+    read, as vLLM sets it."""
     running, waiting = engine.request_counts()
     NUM_REQUESTS_RUNNING.set(running)
     NUM_REQUESTS_WAITING.set(waiting)

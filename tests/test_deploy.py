@@ -15,12 +15,16 @@ import re
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
+from bench.nginx_router import POLICIES, ROUTER_DIR, NginxRouter, find_nginx
+from bench.nginx_router import render as render_router
+from server.composition import spec_from_model_string
 from tests.optional_deps import missing
 from tests.server_process import REPO_ROOT, ServerProcess, free_port
 
@@ -448,3 +452,132 @@ def test_every_dashboard_query_runs_and_loramix_panels_have_data(scraped):
             assert result, f"{title}: no data for {concrete}"
             values = [float(r["value"][1]) for r in result]
             assert not any(math.isinf(v) for v in values), f"{title}: {values}"
+
+
+# --- Composition routing: the real nginx (njs, deploy/router/) in front of real replicas ------
+
+def nginx_or_missing() -> tuple[str, Path]:
+    found = find_nginx()
+    if found is None:
+        missing("nginx with the njs module is not installed (bash deploy/install-tools.sh)")
+    return found
+
+
+def test_shipped_router_config_passes_nginx_t(tmp_path):
+    """deploy/router/nginx.conf as shipped (only load_module pointed at the njs module found
+    here), with composition.js beside it; and both rendered policies."""
+    binary, module = nginx_or_missing()
+    shipped = (ROUTER_DIR / "nginx.conf").read_text()
+    assert "hash $composition consistent;" in shipped and "js_set $composition composition.key;" in shipped
+    configs = {
+        "shipped": re.sub(r"load_module \S+;", f"load_module {module};", shipped),
+        **{policy: render_router(["127.0.0.1:1", "127.0.0.1:2"], "127.0.0.1:3", policy, module) for policy in POLICIES},
+    }
+    assert "hash $composition" not in configs["round_robin"]
+    for name, text in configs.items():
+        conf_dir = tmp_path / name
+        conf_dir.mkdir()
+        shutil.copy(ROUTER_DIR / "composition.js", conf_dir)
+        (conf_dir / "nginx.conf").write_text(text)
+        check(binary, "-t", "-p", str(conf_dir), "-c", str(conf_dir / "nginx.conf"), "-e", "stderr")
+    (tmp_path / "shipped" / "composition.js").write_text("export default {key: };\n")  # njs compiles it
+    assert run(binary, "-t", "-p", str(tmp_path / "shipped"), "-c", str(tmp_path / "shipped" / "nginx.conf"),
+               "-e", "stderr").returncode != 0
+
+
+@pytest.fixture(scope="module")
+def routed(tiny_base, skills_dir, tmp_path_factory):
+    """Two loramix replicas (tiny model, local engine, caches of their own) behind nginx
+    routing by composition with the shipped config."""
+    nginx_or_missing()
+    root = tmp_path_factory.mktemp("routed")
+
+    def replica(index: int) -> ServerProcess:
+        return ServerProcess(root / f"replica{index}.log", base_model=tiny_base, skills_dir=skills_dir,
+                             served_model_name="tiny", cache_dir=root / f"cache{index}", engine="local")
+
+    with ThreadPoolExecutor(2) as pool:
+        starting = [pool.submit(replica, index) for index in range(2)]
+    replicas = [future.result() for future in starting if future.exception() is None]
+    router = None
+    try:
+        if len(replicas) < 2:
+            raise next(future.exception() for future in starting if future.exception() is not None)
+        router = NginxRouter([r.url.removeprefix("http://") for r in replicas], "consistent_hash", root / "nginx")
+        yield router, {r.url.removeprefix("http://"): r for r in replicas}
+    finally:
+        if router is not None:
+            router.stop()
+        for r in replicas:
+            r.stop()
+
+
+def _post(router: NginxRouter, body: dict | bytes) -> httpx.Response:
+    if isinstance(body, bytes):
+        return httpx.post(router.url + "/v1/completions", content=body, timeout=120,
+                          headers={"Content-Type": "application/json"})
+    return httpx.post(router.url + "/v1/completions", json=body, timeout=120)
+
+
+def test_the_same_composition_always_lands_on_the_same_replica(routed):
+    router, replicas = routed
+    completions = {name: replica.metric("loramix_requests_total", endpoint="/v1/completions")
+                   for name, replica in replicas.items()}
+    # Unknown skills are routed like any composition and answered quickly (404) without a merge.
+    models = ["tiny", "math", "math+code", "code+poetry@svd"] + [f"nosuch{i}+math" for i in range(20)]
+    landed: dict[str, set[str]] = {}
+    counts = {name: 0 for name in replicas}
+    for _ in range(3):
+        for model in models:
+            reply = _post(router, {"model": model, "prompt": "1 + 1 =", "max_tokens": 2, "temperature": 0})
+            assert reply.status_code == (404 if model.startswith("nosuch") else 200), reply.text
+            upstream = reply.headers["x-loramix-upstream"]
+            landed.setdefault(model, set()).add(upstream)
+            counts[upstream] += 1
+    assert all(len(upstreams) == 1 for upstreams in landed.values()), landed
+    assert set().union(*landed.values()) == set(replicas), "24 keys all hashed to one replica"
+    for name, replica in replicas.items():  # the header names the replica that really answered
+        assert replica.metric("loramix_requests_total", endpoint="/v1/completions") - completions[name] == counts[name]
+    # Requested three times, merged once in the whole fleet (round robin would merge it twice).
+    assert sum(r.metric("loramix_merges_total", method="svd") for r in replicas.values()) == 1
+
+
+def test_a_structured_composition_is_routed_by_its_content(routed):
+    router, _ = routed
+    bodies = [{"model": "tiny", "prompt": "x", "max_tokens": 1, "composition": composition}
+              for composition in ({"skills": {"math": 0.5, "code": 0.5}, "method": "cat"},
+                                  {"method": "cat", "skills": {"code": 0.5, "math": 0.5}})]
+    upstreams = set()
+    for body in bodies * 2:
+        reply = _post(router, body)
+        assert reply.status_code == 200, reply.text
+        upstreams.add(reply.headers["x-loramix-upstream"])
+    assert len(upstreams) == 1
+
+
+def test_a_body_without_model_is_balanced_round_robin_and_answered_by_loramix(routed):
+    router, replicas = routed
+    upstreams = set()
+    for body in [{"prompt": "x"}, b"not json", {"prompt": "x", "model": 7}, [1, 2]] * 2:
+        reply = _post(router, body)
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], error
+        upstreams.add(reply.headers["x-loramix-upstream"])
+    assert upstreams == set(replicas)  # the empty key: nginx's round robin fallback
+
+
+def test_engine_adapter_name_is_the_canonical_composition_string(routed):
+    """vllm:lora_requests_info lists a running composition by its canonical model string, the
+    `model` a client sends for the Inference Gateway's LoRA-affinity scorer to match."""
+    router, replicas = routed
+    canonical = "code*0.5+math*0.5@cat"
+    assert spec_from_model_string("math+code", default_method="cat").model_string() == canonical
+    body = {"model": canonical, "prompt": "1 + 1 =", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        replica = replicas[response.headers["x-loramix-upstream"]]
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        info = [line for line in replica.metrics().splitlines() if line.startswith("vllm:lora_requests_info{")]
+    assert len(info) == 1 and f'running_lora_adapters="{canonical}"' in info[0], info

@@ -18,7 +18,7 @@ class AdapterHandle:
     """A merged adapter as the engine sees it.
 
     adapter_id: stable positive integer derived from the composition key (vLLM's lora_int_id).
-    name: the composition key (unique; vLLM's lora_name).
+    name: the canonical composition string (unique among live adapters; vLLM's lora_name).
     path: a PEFT adapter directory on disk (adapter_config.json + adapter_model.safetensors).
     rank: the adapter's rank (already <= the engine's max_lora_rank).
     """

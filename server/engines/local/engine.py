@@ -284,7 +284,7 @@ class LocalEngine(Engine):
         return running, sum(not (s.is_admitted or s.is_done) for s in self._waiting)
 
     def lora_requests_info(self) -> tuple[list[str], list[str], int]:
-        """Adapter names (composition keys) of running and waiting sequences, and max_loras,
+        """Adapter names (canonical composition strings) of running and waiting sequences, and max_loras,
         for vLLM's `vllm:lora_requests_info` metric."""
         runner = self._runner
         rows = [s for s in runner.rows if not s.is_done] if runner else []

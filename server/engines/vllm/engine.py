@@ -1,7 +1,7 @@
 """The `vllm` engine: vLLM's AsyncLLM with LoRA enabled, driven through its public API.
 
-Each merged adapter (composition) is a LoRARequest(lora_name=key, lora_int_id=id,
-lora_path=cache dir). vLLM's own LRU manages the GPU slots (`max_loras`) and the CPU cache
+Each merged adapter (composition) is a LoRARequest(lora_name=canonical composition string,
+lora_int_id=id from its key, lora_path=cache dir); vllm:lora_requests_info lists those names. vLLM's own LRU manages the GPU slots (`max_loras`) and the CPU cache
 (`max_cpu_loras`); an adapter it evicted is reloaded from its path when a request names it
 again, because every request carries the full LoRARequest.
 """
@@ -229,7 +229,8 @@ def _scheduler_request_counts() -> tuple[int, int] | None:
 
 
 def _lora_request(handle: AdapterHandle) -> LoRARequest:
-    """vLLM's handle for a merged adapter: name = composition key, id = stable integer id."""
+    """vLLM's handle for a merged adapter: name = canonical composition string (what the
+    Inference Gateway's LoRA-affinity scorer matches against `model`), id = stable int32 id."""
     from vllm.lora.request import LoRARequest
 
     return LoRARequest(
