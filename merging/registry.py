@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from merging.errors import InvalidMergeOptions
+from merging.methods.aligned import RULES
 from merging.methods.cat import merge_cat
+from merging.methods.core import merge_core
 from merging.methods.delta import merge_dare_linear, merge_dare_ties, merge_magnitude_prune, merge_ties
+from merging.methods.knots import merge_knots
 from merging.methods.lego import merge_lego
 from merging.methods.linear import merge_linear
 from merging.methods.svd import merge_svd
@@ -69,6 +72,14 @@ class MethodSpec:
 _DENSITY = OptionSpec(float, 0.5, "fraction of ΔW entries kept", minimum=0.0, maximum=1.0, exclusive_minimum=True)
 _SIGN = OptionSpec(str, "total", "sign election: sum of values or count of signs", choices=("total", "frequency"))
 _SEED = OptionSpec(int, 0, "random seed (deterministic results for a seed)", minimum=0, maximum=2**32 - 1)
+# For methods that align the tasks first and then merge them by a rule (knots, core): density
+# applies to ties, dare_* and magnitude_prune, majority_sign_method to *ties, seed to dare_*.
+_ALIGNED_OPTIONS = {
+    "merge": OptionSpec(str, "ties", "merge rule in the aligned space", choices=RULES),
+    "density": _DENSITY,
+    "majority_sign_method": _SIGN,
+    "seed": _SEED,
+}
 
 METHODS: dict[str, MethodSpec] = {
     "cat": MethodSpec("cat", merge_cat, "exact weighted sum by concatenation; rank Σ r_i", False, True),
@@ -103,6 +114,14 @@ METHODS: dict[str, MethodSpec] = {
     "magnitude_prune": MethodSpec(
         "magnitude_prune", merge_magnitude_prune, "magnitude pruning + sum on ΔW, then rank k", True, False,
         {"density": _DENSITY},
+    ),
+    "knots": MethodSpec(
+        "knots", merge_knots, "KnOTS: joint SVD of the ΔW_i, task rows merged by a rule; rank <= Σ r_i",
+        False, False, _ALIGNED_OPTIONS, uses_seed=True,
+    ),
+    "core": MethodSpec(
+        "core", merge_core, "Core Space: shared SVD bases of the B and A stacks, cores merged by a rule",
+        False, False, _ALIGNED_OPTIONS, uses_seed=True,
     ),
 }
 
