@@ -43,7 +43,7 @@ def serve(ctx: typer.Context) -> None:
 def merge(
     adapters: list[Path] = typer.Argument(..., help="PEFT adapter directories to merge."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the merged PEFT adapter to."),
-    method: str = typer.Option("cat", help="Merge method: cat, lego, svd, linear, ties, dare_linear, dare_ties, magnitude_prune."),
+    method: str = typer.Option("cat", help="Merge method: cat, lego, svd, linear, ties, dare_linear, dare_ties, magnitude_prune, knots, core."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per adapter (default: equal, summing to 1)."),
     rank: Optional[int] = typer.Option(None, help="Target rank (methods that take one)."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),

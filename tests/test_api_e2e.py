@@ -165,7 +165,9 @@ def test_rank_over_engine_limit_is_compressed_and_reported(server, client):
     assert complete(client, "math+lookup").choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("model", ["math+code@lego", "math*0.7+lookup*0.3"])  # lookup: compressed to 16
+@pytest.mark.parametrize(
+    "model", ["math+code@lego", "math*0.7+lookup*0.3", "math+code@knots", "math+poetry@core(merge=dare_ties)"]
+)  # lookup: compressed to 16
 def test_served_composition_matches_transformers_with_peft(server, client, tiny_base, model):
     import torch
     from peft import PeftModel
@@ -219,6 +221,17 @@ def test_bad_method_option_in_body_names_the_option(client):
         complete(client, BASE, extra_body={"composition": {"skills": {"math": 1}, "method": "lego",
                                                            "options": {"max_iter": 0}}})
     check_envelope(caught.value, "invalid_composition", "composition.options.max_iter")
+
+
+def test_bad_inner_merge_rule_is_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(client, "math+code@knots(merge=average)")
+    error = check_envelope(caught.value, "invalid_composition", "model")
+    assert "merge" in error["message"] and "ties" in error["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        complete(client, BASE, extra_body={"composition": {"skills": {"math": 1, "code": 1}, "method": "core",
+                                                           "options": {"density": 1.5}}})
+    check_envelope(caught.value, "invalid_composition", "composition.options.density")
 
 
 def test_unknown_key_in_composition_body_is_rejected(client):
