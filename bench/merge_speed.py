@@ -68,7 +68,7 @@ def exact_error(layers: int, fetch) -> float | None:
 
 
 def run_loramix(method: str, layers: int, error_layers: int) -> dict:
-    from merging import LoraAdapter, LoraModule, merge
+    from merging import LoraAdapter, LoraModule, get_method, merge
 
     adapters = [
         LoraAdapter({
@@ -79,7 +79,7 @@ def run_loramix(method: str, layers: int, error_layers: int) -> dict:
     ]
     setup = rss_mb()
     start = time.perf_counter()
-    result = merge(adapters, WEIGHTS, method, rank=None if method in ("cat", "linear") else RANK)
+    result = merge(adapters, WEIGHTS, method, rank=RANK if get_method(method).takes_rank else None)
     seconds, peak = time.perf_counter() - start, peak_mb()
     merged = result.adapter.modules
     error = exact_error(error_layers, lambda l, m: merged[f"model.layers.{l}.{m}"].delta())
@@ -166,7 +166,8 @@ def main() -> None:
         return worker(argparse.Namespace(impl=impl, method=method, layers=int(layers), error_layers=int(error_layers)))
     layers = 4 if args.quick else args.layers
     pl = args.peft_layers
-    plan = [("cat", "cat"), ("linear", "linear"), ("svd", "svd"), ("ties", "ties_svd"), ("lego", None)]
+    plan = [("cat", "cat"), ("linear", "linear"), ("svd", "svd"), ("ties", "ties_svd"), ("lego", None),
+            ("knots", None), ("core", None)]
     rows = []
     for ours, peft_method in plan:
         dense = ours == "ties"  # dense-ΔW methods: both sides on the subset, both extrapolated
