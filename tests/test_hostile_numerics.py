@@ -271,7 +271,7 @@ def test_seeds_beyond_int64_from_n_choices_wrap_instead_of_failing():
 
 
 @pytest.mark.parametrize("seed, ok", [(2**32 - 1, True), (2**32, False), (2**70, False), (-1, False)])
-@pytest.mark.parametrize("method", ["lego", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["lego", "dare_linear", "dare_ties", "knots", "core"])
 def test_seed_option_is_bounded(method, seed, ok):
     if ok:
         assert merging.validate_options(method, {"seed": seed})["seed"] == seed
@@ -294,7 +294,9 @@ def test_decomposition_that_does_not_converge_is_merge_failed(method):
         merging.merge(adapters, [1e300, 1e300], method, rank=2)
 
 
-@pytest.mark.parametrize("method", ["cat", "svd", "lego", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+@pytest.mark.parametrize(
+    "method", ["cat", "svd", "lego", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots", "core"]
+)
 def test_all_zero_result_from_non_zero_inputs_is_merge_failed(method):
     adapters = [random_adapter(1), random_adapter(2)]
     with pytest.raises(merging.MergeFailedError, match="all-zero"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_factories import MODULE_SHAPES, merged_delta, random_adapter, rel, weighted_delta
-from merging import InvalidMergeOptions, LoraAdapter, LoraModule, merge
+from merging import InvalidMergeOptions, LoraAdapter, LoraModule, MergeFailedError, NonFiniteResultError, merge
 
 ALIGNED = ["knots", "core"]
 F64 = torch.float64
@@ -227,6 +227,26 @@ def test_bad_options_raise_with_param(method, options, rank, param):
     with pytest.raises(InvalidMergeOptions) as caught:
         merge([random_adapter(1), random_adapter(2)], None, method, rank=rank, options=options)
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize("method", ALIGNED)
+@pytest.mark.parametrize("rule", ["ties", "linear", "dare_ties"])
+def test_weights_beyond_float32_are_an_error_not_a_wrong_adapter(method, rule):
+    adapters = [random_adapter(1), random_adapter(2)]
+    with pytest.raises((NonFiniteResultError, MergeFailedError)):
+        merge(adapters, [1e300, 1e300], method, options={"merge": rule})
+
+
+@pytest.mark.parametrize("method", ALIGNED)
+def test_untrained_adapters_merge_to_zero_and_a_zero_adapter_drops_out_of_the_sum(method):
+    zero, other = random_adapter(1), random_adapter(2)
+    for module in zero.modules.values():
+        module.lora_b.zero_()
+    result = merge([zero, zero], None, method)
+    assert all(not lora.lora_b.any() or not lora.lora_a.any() for lora in result.adapter.modules.values())
+    result = merge([zero, other], [0.5, 0.5], method, options={"merge": "linear"})
+    for module in MODULE_SHAPES:
+        assert rel(merged_delta(result.adapter, module), 0.5 * merged_delta(other, module)) < 1e-5
 
 
 # ---------------------------------------------------------------- factored space only
