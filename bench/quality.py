@@ -48,7 +48,7 @@ MERGES = (
     ("upper", "sort", "add"),
     SKILLS,
 )
-BASIC_METHODS = ("linear", "cat", "ties", "dare_ties", "svd", "lego")
+BASIC_METHODS = ("linear", "cat", "ties", "dare_ties", "svd", "lego", "knots", "core")
 # LEGO options changed one at a time from the defaults (direction, l2, none), at the default k.
 # Output reweighting, sqrt(r/k), is 1 at the default k = r: it is tried at k = r/2 and k = Σ r_i.
 LEGO_VARIANTS = (
