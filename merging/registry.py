@@ -67,6 +67,8 @@ class MethodSpec:
     exact: bool
     options: dict[str, OptionSpec] = field(default_factory=dict)
     uses_seed: bool = False
+    # Given valid options: (name, why) for each set away from its default that would have no effect.
+    unused_options: Callable[[dict], list[tuple[str, str]]] | None = None
 
 
 _DENSITY = OptionSpec(float, 0.5, "fraction of ΔW entries kept", minimum=0.0, maximum=1.0, exclusive_minimum=True)
@@ -80,6 +82,17 @@ _ALIGNED_OPTIONS = {
     "majority_sign_method": _SIGN,
     "seed": _SEED,
 }
+
+
+def _unused_by_rule(options: dict) -> list[tuple[str, str]]:
+    """density is for ties, dare_* and magnitude_prune, majority_sign_method for *ties, seed for dare_*."""
+    rule = options.get("merge", _ALIGNED_OPTIONS["merge"].default)
+    used = {"density": rule != "linear", "majority_sign_method": rule.endswith("ties"), "seed": rule.startswith("dare")}
+    return [
+        (name, f"option {name!r} has no effect with merge={rule}")
+        for name, is_used in used.items()
+        if not is_used and name in options and options[name] != _ALIGNED_OPTIONS[name].default
+    ]
 
 METHODS: dict[str, MethodSpec] = {
     "cat": MethodSpec("cat", merge_cat, "exact weighted sum by concatenation; rank Σ r_i", False, True),
@@ -117,11 +130,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "knots": MethodSpec(
         "knots", merge_knots, "KnOTS: joint SVD of the ΔW_i, task rows merged by a rule; rank <= Σ r_i",
-        False, False, _ALIGNED_OPTIONS, uses_seed=True,
+        False, False, _ALIGNED_OPTIONS, uses_seed=True, unused_options=_unused_by_rule,
     ),
     "core": MethodSpec(
         "core", merge_core, "Core Space: shared SVD bases of the B and A stacks, cores merged by a rule",
-        False, False, _ALIGNED_OPTIONS, uses_seed=True,
+        False, False, _ALIGNED_OPTIONS, uses_seed=True, unused_options=_unused_by_rule,
     ),
 }
 
@@ -152,6 +165,10 @@ def validate_options(method: str, options: dict | None) -> dict:
                 first = first or name
             elif option.kind is float:
                 options[name] = float(options[name])
+    if not problems and spec.unused_options:
+        for name, why in spec.unused_options(options):
+            problems.append(why)
+            first = first or name
     if problems:
         raise InvalidMergeOptions("; ".join(problems), param=first)
     return {name: options.get(name, option.default) for name, option in spec.options.items()}

@@ -229,6 +229,9 @@ def test_bad_inner_merge_rule_is_bad_request(client):
     error = check_envelope(caught.value, "invalid_composition", "model")
     assert "merge" in error["message"] and "ties" in error["message"]
     with pytest.raises(openai.BadRequestError) as caught:
+        complete(client, "math+code@knots(merge=linear,density=0.3)")
+    assert "no effect with merge=linear" in check_envelope(caught.value, "invalid_composition", "model")["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
         complete(client, BASE, extra_body={"composition": {"skills": {"math": 1, "code": 1}, "method": "core",
                                                            "options": {"density": 1.5}}})
     check_envelope(caught.value, "invalid_composition", "composition.options.density")

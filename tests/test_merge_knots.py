@@ -166,7 +166,8 @@ def test_a_common_weight_scales_the_result(method):
 @pytest.mark.parametrize("rule", ["ties", "dare_ties", "dare_linear", "magnitude_prune"])
 def test_deterministic(method, rule):
     adapters = [random_adapter(1, rank=4), random_adapter(2, rank=4)]
-    runs = [merge(adapters, None, method, options={"merge": rule, "seed": 7}).adapter for _ in range(2)]
+    options = {"merge": rule, "seed": 7} if rule.startswith("dare") else {"merge": rule}
+    runs = [merge(adapters, None, method, options=options).adapter for _ in range(2)]
     for module in MODULE_SHAPES:
         assert torch.equal(runs[0].modules[module].lora_a, runs[1].modules[module].lora_a)
         assert torch.equal(runs[0].modules[module].lora_b, runs[1].modules[module].lora_b)
@@ -218,7 +219,10 @@ def test_half_precision_adapters_merge_and_keep_their_dtype(method):
         ({"density": 0.0}, None, "density"),
         ({"density": 2}, None, "density"),
         ({"majority_sign_method": "vote"}, None, "majority_sign_method"),
-        ({"seed": -1}, None, "seed"),
+        ({"merge": "dare_ties", "seed": 2**32}, None, "seed"),
+        ({"seed": 3}, None, "seed"),  # ties draws nothing at random
+        ({"merge": "linear", "density": 0.3}, None, "density"),
+        ({"merge": "dare_linear", "majority_sign_method": "frequency"}, None, "majority_sign_method"),
         ({"topk": 20}, None, "topk"),
         ({}, 4, "rank"),
     ],
@@ -227,6 +231,17 @@ def test_bad_options_raise_with_param(method, options, rank, param):
     with pytest.raises(InvalidMergeOptions) as caught:
         merge([random_adapter(1), random_adapter(2)], None, method, rank=rank, options=options)
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize("method", ALIGNED)
+def test_options_at_their_default_are_accepted_with_any_rule(method):
+    """The canonical form of a composition carries every option at its default; it must validate."""
+    from merging import validate_options
+
+    full = validate_options(method, {"merge": "linear"})
+    assert full == {"merge": "linear", "density": 0.5, "majority_sign_method": "total", "seed": 0}
+    assert validate_options(method, full) == full
+    assert validate_options(method, {"merge": "dare_ties", "seed": 9, "density": 0.2})["seed"] == 9
 
 
 @pytest.mark.parametrize("method", ALIGNED)
