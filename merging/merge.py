@@ -15,11 +15,14 @@ from merging.adapter import LoraAdapter, LoraModule
 from merging.errors import IncompatibleAdaptersError, InvalidMergeOptions, MergeFailedError, NonFiniteResultError
 from merging.factors import all_finite, difference_sq, frobenius_sq, stack_factors, truncated_svd
 from merging.methods.common import ModuleInputs
-from merging.methods.svd import merge_svd
-from merging.registry import get_method, validate_options
+from merging.registry import MethodSpec, get_method, validate_options
 
 
+# Methods that resolve interference between adapters (prune, elect signs). Given one adapter
+# there is none to resolve: they run SINGLE_ADAPTER_METHOD (a weighted pass-through at rank k),
+# and the info says so.
 PRUNING_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+SINGLE_ADAPTER_METHOD = "svd"
 
 
 @dataclass
@@ -108,6 +111,29 @@ def _generator(seed: int, module: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
 
 
+@dataclass(frozen=True)
+class _MergePlan:
+    """What merge() will do, decided before any module is touched: the adapters that take part
+    (zero weights dropped), their weights, the method that really runs and its options."""
+
+    adapters: list[LoraAdapter]
+    weights: list[float]
+    module_weights: dict[str, list[float]]
+    method: MethodSpec  # the method that runs (may differ from the one asked for)
+    options: dict
+    rank: int | None
+
+
+@dataclass
+class _ErrorSums:
+    """Squared Frobenius norms summed over modules, for the info's error ratios."""
+
+    exact: float = 0.0
+    error: float = 0.0
+    target: float = 0.0
+    residual: float = 0.0
+
+
 def merge(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float] | None = None,
@@ -128,84 +154,132 @@ def merge(
     out everywhere.
 
     Returns the merged adapter (scaling 1 per module, factors in `compute_dtype`, saved in the
-    inputs' dtype) and an info dict: method, rank, options, seconds, num_modules and
-    relative_error = ||ΔW_merged - Σ w_i ΔW_i||_F / ||Σ w_i ΔW_i||_F over all modules (0 for exact
-    methods), plus compression_error for methods that compress a dense ΔW of their own.
+    inputs' dtype) and an info dict: method (the one that ran: a pruning method given a single
+    adapter runs svd), rank, options, seconds, num_modules and relative_error =
+    ||ΔW_merged - Σ w_i ΔW_i||_F / ||Σ w_i ΔW_i||_F over all modules (0 for exact methods), plus
+    compression_error for methods that compress a dense ΔW of their own.
     """
     started = time.perf_counter()
+    module_weights = module_weights or {}
+    weights, options = _validate(adapters, weights, method, options, names, module_weights, check_base_model)
+    plan = _plan(adapters, weights, method, rank, options, module_weights)
+    modules, sums = _merge_modules(plan, compute_dtype, progress)
+    dtypes = {a.dtype for a in plan.adapters}
+    merged = LoraAdapter(modules, plan.adapters[0].base_model, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    return MergeResult(merged, _info(plan, merged, sums, time.perf_counter() - started))
+
+
+def _validate(
+    adapters: Sequence[LoraAdapter],
+    weights: Sequence[float] | None,
+    method: str,
+    options: dict | None,
+    names: Sequence[str] | None,
+    module_weights: Mapping[str, Sequence[float]],
+    check_base_model: bool,
+) -> tuple[list[float], dict]:
+    """Check the inputs (something to merge, finite weights, a known method with valid
+    options, compatible adapters, known modules in `module_weights`). Returns the weights
+    (equal ones when none are given) and the options with their defaults."""
     if not adapters:
         raise InvalidMergeOptions("nothing to merge: no adapters given", param="skills")
     names = list(names or [f"adapter {i}" for i in range(len(adapters))])
     weights = _check_weights([1.0 / len(adapters)] * len(adapters) if weights is None else weights, len(adapters))
-    spec = get_method(method)
-    opts = validate_options(method, options)
+    options = validate_options(method, options)
     check_compatible(adapters, names, check_base_model=check_base_model)
-    per_module = _check_module_weights(module_weights or {}, adapters)
+    _check_module_weights(module_weights, adapters)
+    return weights, options
+
+
+def _plan(
+    adapters: Sequence[LoraAdapter],
+    weights: list[float],
+    method: str,
+    rank: int | None,
+    options: dict,
+    module_weights: Mapping[str, Sequence[float]],
+) -> _MergePlan:
+    """Drop zero-weight adapters, check the target rank, pick the method that runs."""
     # A zero weight means "absent": it must not vote in TIES' sign election or count in its mean.
     kept = [i for i, w in enumerate(weights) if w != 0.0]
     if not kept:
         raise InvalidMergeOptions("every weight is zero: nothing to merge", param="weights")
-    adapters, weights = [adapters[i] for i in kept], [weights[i] for i in kept]
-    per_module = {m: [row[i] for i in kept] for m, row in per_module.items()}
+    adapters = [adapters[i] for i in kept]
+    per_module = {m: [float(row[i]) for i in kept] for m, row in module_weights.items()}
     target_rank = _resolve_rank(method, rank, adapters)
-    fn = spec.fn
+    spec = get_method(method)
     if len(adapters) == 1 and spec.name in PRUNING_METHODS:
-        fn = merge_svd  # one adapter has no interference to resolve: weighted pass-through
+        spec = get_method(SINGLE_ADAPTER_METHOD)  # one adapter: no interference to resolve
+    return _MergePlan(adapters, [weights[i] for i in kept], per_module, spec, options, target_rank)
 
+
+def _merge_modules(
+    plan: _MergePlan, compute_dtype: torch.dtype, progress: Callable[[str], None] | None
+) -> tuple[dict[str, LoraModule], _ErrorSums]:
+    """Run the planned method over every module; sum the squared norms the info reports.
+    Raises MergeFailedError when non-zero inputs give an all-zero adapter."""
     modules: dict[str, LoraModule] = {}
-    sums = {"exact": 0.0, "error": 0.0, "target": 0.0, "residual": 0.0}
+    sums = _ErrorSums()
     is_input_nonzero = is_output_nonzero = False
-    for module in sorted({m for a in adapters for m in a.modules}):
-        inputs = _module_inputs(module, adapters, per_module.get(module, weights), compute_dtype)
+    for module in sorted({m for a in plan.adapters for m in a.modules}):
+        inputs = _module_inputs(module, plan.adapters, plan.module_weights.get(module, plan.weights), compute_dtype)
         if not inputs.lora_as:
             continue  # every weight of this module is zero: ΔW = 0, nothing to store
-        extra = {"generator": _generator(opts["seed"], module)} if spec.uses_seed else {}
-        out = _run_method(fn, method, inputs, target_rank, {**opts, **extra})
+        out = _run_method(plan, inputs)
         is_input_nonzero = is_input_nonzero or _is_nonzero(inputs.lora_bs, inputs.lora_as)
         is_output_nonzero = is_output_nonzero or _is_nonzero([out.lora_b], [out.lora_a])
-        if not spec.exact:  # exact methods have error 0 by construction
-            exact_b, exact_a = stack_factors(inputs.lora_bs, inputs.lora_as, inputs.coefs)
-            sums["exact"] += frobenius_sq(exact_b, exact_a)
-            sums["error"] += difference_sq(out.lora_b, out.lora_a, exact_b, exact_a)
-        if out.target_sq is not None:
-            sums["target"] += out.target_sq
-            sums["residual"] += out.residual_sq
+        _add_errors(sums, plan.method, inputs, out)
         modules[module] = LoraModule(out.lora_a.contiguous(), out.lora_b.contiguous(), 1.0)
         if progress:
             progress(module)
-
     if is_input_nonzero and not is_output_nonzero:
         raise MergeFailedError(
-            f"{method} produced an all-zero adapter from non-zero inputs (the weights are outside "
-            "the range the factors' float precision can represent)")
-    dtypes = {a.dtype for a in adapters}
-    merged = LoraAdapter(modules, adapters[0].base_model, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+            f"{plan.method.name} produced an all-zero adapter from non-zero inputs (the weights are "
+            "outside the range the factors' float precision can represent)")
+    return modules, sums
+
+
+def _add_errors(sums: _ErrorSums, method: MethodSpec, inputs: ModuleInputs, out) -> None:
+    """Add one module's squared norms: the exact ΔW and the error against it (inexact methods
+    only; exact ones have error 0 by construction), and the method's own compression residual."""
+    if not method.exact:
+        exact_b, exact_a = stack_factors(inputs.lora_bs, inputs.lora_as, inputs.coefs)
+        sums.exact += frobenius_sq(exact_b, exact_a)
+        sums.error += difference_sq(out.lora_b, out.lora_a, exact_b, exact_a)
+    if out.target_sq is not None:
+        sums.target += out.target_sq
+        sums.residual += out.residual_sq
+
+
+def _info(plan: _MergePlan, merged: LoraAdapter, sums: _ErrorSums, seconds: float) -> dict:
     info = {
-        "method": method,
+        "method": plan.method.name,
         "rank": merged.max_rank,
-        "options": opts,
-        "weights": weights,
-        "module_weights": len(per_module),
-        "num_modules": len(modules),
-        "exact": spec.exact,
-        "relative_error": _ratio(sums["error"], sums["exact"]),
-        "seconds": time.perf_counter() - started,
+        "options": plan.options,
+        "weights": plan.weights,
+        "module_weights": len(plan.module_weights),
+        "num_modules": len(merged.modules),
+        "exact": plan.method.exact,
+        "relative_error": _ratio(sums.error, sums.exact),
+        "seconds": seconds,
     }
-    if sums["target"] > 0:
-        info["compression_error"] = _ratio(sums["residual"], sums["target"])
-    return MergeResult(merged, info)
+    if sums.target > 0:
+        info["compression_error"] = _ratio(sums.residual, sums.target)
+    return info
 
 
-def _run_method(fn: Callable, method: str, inputs: ModuleInputs, rank: int | None, opts: dict):
-    """One module through a method; raises MergeFailedError when the result is unusable."""
+def _run_method(plan: _MergePlan, inputs: ModuleInputs):
+    """One module through the planned method; raises MergeFailedError when the result is unusable."""
+    method = plan.method
+    extra = {"generator": _generator(plan.options["seed"], inputs.name)} if method.uses_seed else {}
     try:
-        out = fn(inputs, rank, **opts)
+        out = method.fn(inputs, plan.rank, **plan.options, **extra)
     except torch.linalg.LinAlgError:
         raise MergeFailedError(
-            f"{method} failed in module {inputs.name!r}: a matrix decomposition did not converge "
+            f"{method.name} failed in module {inputs.name!r}: a matrix decomposition did not converge "
             "(the weighted factors are too large or not finite)") from None
     if not (all_finite(out.lora_a) and all_finite(out.lora_b)):
-        raise NonFiniteResultError(f"{method} produced non-finite values in module {inputs.name!r}")
+        raise NonFiniteResultError(f"{method.name} produced non-finite values in module {inputs.name!r}")
     return out
 
 

@@ -263,3 +263,17 @@ def test_bad_module_weights_raise_with_param(rows, needle):
     with pytest.raises(InvalidMergeOptions, match=needle) as info:
         merge([random_adapter(1), random_adapter(2)], method="cat", module_weights=rows)
     assert info.value.param == "module_weights"
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "magnitude_prune"])
+def test_info_names_the_method_that_ran_for_a_single_adapter(method):
+    # One adapter left (the other's weight is 0): a pruning method has no interference to
+    # resolve and runs svd; the info says svd, and the result is svd's, not a pruned one.
+    first, second = random_adapter(1, rank=4), random_adapter(2, rank=4)
+    result = merge([first, second], [0.7, 0.0], method, options={"density": 0.2})
+    svd = merge([first], [0.7], "svd")
+    assert result.info["method"] == "svd"
+    for module in MODULE_SHAPES:
+        assert rel(merged_delta(result.adapter, module), merged_delta(svd.adapter, module)) < 1e-6
+    both = merge([first, second], [0.7, 0.3], method, options={"density": 0.2})
+    assert both.info["method"] == method
