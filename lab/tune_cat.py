@@ -12,10 +12,9 @@ import torch
 
 from lab.learned_cat import TuneResult, tune_cat
 from merging import InvalidMergeOptions, load_adapter, merge
-from server.composition import CompositionSpec, canonical_spec, is_valid_name
+from server.composition import CompositionInput, CompositionSpec, SkillTerm, canonical_spec, is_valid_name
 from server.model_paths import resolve_model_paths
 from server.named import NamedCompositions
-from server.protocol import CompositionRequest
 from server.settings import Settings
 from server.skills import SkillRegistry
 
@@ -43,8 +42,8 @@ def read_examples(path: Path) -> list[tuple[str, str]]:
 def tuned_spec(names: Sequence[str], result: TuneResult) -> CompositionSpec:
     """The named composition serving `result`: `cat`, the mean learned weights as the skills'
     weights, and the per-module weights that override them in every module."""
-    request = CompositionRequest(
-        skills=[{"name": n, "weight": round(w, 6)} for n, w in zip(names, result.info["mean_weights"])],
+    request = CompositionInput(
+        skills=tuple(SkillTerm(n, round(w, 6)) for n, w in zip(names, result.info["mean_weights"])),
         method="cat",
         module_weights=result.module_weights,
     )

@@ -17,6 +17,7 @@ from server import metrics
 from server.adapter_names import AdapterNames
 from server.cache import CachedComposition, CompositionCache
 from server.composition import (
+    CompositionInput,
     CompositionSpec,
     canonical_spec,
     looks_like_composition,
@@ -26,7 +27,6 @@ from server.engines.base import AdapterHandle, Engine
 from server.errors import LoramixError, invalid_composition
 from server.merge_pool import MergePool, MergeQueueFull
 from server.named import NamedCompositions
-from server.protocol import CompositionRequest
 from server.skills import SkillRegistry
 
 logger = logging.getLogger("loramix.composer")
@@ -113,7 +113,7 @@ class Composer:
                 if self.registry.is_stale():
                     await asyncio.to_thread(self.registry.scan)
 
-    def resolve(self, model: str, composition: CompositionRequest | None = None) -> Resolved:
+    def resolve(self, model: str, composition: CompositionInput | None = None) -> Resolved:
         """The composition a request names: by `composition` field, named composition, skill
         name, composition string, or the base model (no adapter)."""
         if composition is not None:

@@ -23,13 +23,12 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import merging
 
 from server.errors import LoramixError, from_exception, invalid_composition
-from server.protocol import CompositionRequest
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -49,6 +48,28 @@ def is_valid_name(name: str) -> bool:
 def looks_like_composition(model: str) -> bool:
     """True if the model string uses composition syntax rather than naming one thing."""
     return any(op in model for op in _OPERATORS)
+
+
+@dataclass(frozen=True)
+class SkillTerm:
+    """One skill of a composition as given, with its weight."""
+
+    name: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class CompositionInput:
+    """A composition as a client gave it (a model string, or the `composition` body field
+    converted by the HTTP layer): skills in the given order, nothing validated beyond the
+    syntax. canonical_spec() turns it into a CompositionSpec."""
+
+    skills: tuple[SkillTerm, ...]
+    method: str | None = None  # None: the server's default method
+    options: Mapping[str, Any] = field(default_factory=dict)
+    rank: int | None = None
+    # {module: one weight per skill in `skills` order}; None: the skills' weights everywhere.
+    module_weights: Mapping[str, Sequence[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -159,8 +180,8 @@ def _parse_method(text: str) -> tuple[str, dict[str, Any]]:
     return match["method"], options
 
 
-def parse_model_string(model: str) -> CompositionRequest:
-    """Parse a composition model string into the same structure as the `composition` field.
+def parse_model_string(model: str) -> CompositionInput:
+    """Parse a composition model string into a CompositionInput (as the `composition` field gives).
 
     Raises invalid_composition (400, param "model") for malformed strings."""
     if not model or any(ch.isspace() for ch in model):
@@ -192,12 +213,12 @@ def parse_model_string(model: str) -> CompositionRequest:
         raise invalid_composition("Give a weight for every skill or for none (equal weights).", "model")
     if weights[0] is None:
         weights = [1.0 / len(names)] * len(names)
-    skills = [{"name": name, "weight": weight} for name, weight in zip(names, weights)]
-    return CompositionRequest(skills=skills, method=method, options=options, rank=rank)
+    skills = tuple(SkillTerm(name, weight) for name, weight in zip(names, weights))
+    return CompositionInput(skills=skills, method=method, options=options, rank=rank)
 
 
 def canonical_spec(
-    request: CompositionRequest, *, default_method: str, param_prefix: str = "composition"
+    request: CompositionInput, *, default_method: str, param_prefix: str = "composition"
 ) -> CompositionSpec:
     """Validate and normalize a composition: skill names, duplicates, method, options.
 
@@ -234,7 +255,7 @@ def canonical_spec(
 
 
 def _canonical_module_weights(
-    request: CompositionRequest, names: list[str], *, param: str
+    request: CompositionInput, names: list[str], *, param: str
 ) -> tuple[tuple[str, tuple[float, ...]], ...]:
     """Rows reordered from the request's skill order to the canonical (sorted) one. Module
     names are checked against the adapters when merging."""

@@ -20,6 +20,7 @@ from server.composition import (
 )
 from server.errors import LoramixError
 from server.protocol import CompositionRequest
+from server.serving.compositions import composition_input
 from server.skills import SkillRegistry
 
 
@@ -81,8 +82,8 @@ def test_body_field_mapping_and_list_forms_are_the_same_spec():
     as_list = CompositionRequest(
         skills=[{"name": "code", "weight": 0.3}, {"name": "math", "weight": 0.7}], method="svd", rank=4
     )
-    assert canonical_spec(as_map, default_method="cat") == canonical_spec(as_list, default_method="cat")
-    assert canonical_spec(as_map, default_method="cat") == spec("math*0.7+code*0.3@svd(rank=4)")
+    assert canonical_spec(composition_input(as_map), default_method="cat") == canonical_spec(composition_input(as_list), default_method="cat")
+    assert canonical_spec(composition_input(as_map), default_method="cat") == spec("math*0.7+code*0.3@svd(rank=4)")
 
 
 @given(
@@ -95,7 +96,7 @@ def test_model_string_round_trips(names, data):
     ]
     method = data.draw(st.sampled_from(["cat", "svd", "lego", "ties"]))
     request = CompositionRequest(skills=dict(zip(names, weights)), method=method)
-    original = canonical_spec(request, default_method="cat")
+    original = canonical_spec(composition_input(request), default_method="cat")
     assert spec(original.model_string()) == original
 
 
@@ -131,14 +132,14 @@ def test_malformed_strings_are_invalid_composition_on_model(model, fragment):
 def test_bad_option_in_body_names_the_option():
     request = CompositionRequest(skills={"math": 1.0}, method="lego", options={"max_iter": 0})
     with pytest.raises(LoramixError) as caught:
-        canonical_spec(request, default_method="cat")
+        canonical_spec(composition_input(request), default_method="cat")
     assert caught.value.code == "invalid_composition"
     assert caught.value.param == "composition.options.max_iter"
 
 
 def test_unknown_method_in_body_names_the_method():
     with pytest.raises(LoramixError) as caught:
-        canonical_spec(CompositionRequest(skills={"math": 1.0}, method="nosuch"), default_method="cat")
+        canonical_spec(composition_input(CompositionRequest(skills={"math": 1.0}, method="nosuch")), default_method="cat")
     assert caught.value.param == "composition.method"
 
 
@@ -229,7 +230,7 @@ def test_registry_notices_added_and_removed_skills(skills_dir, tmp_path):
 
 
 def _body(skills, module_weights):
-    return CompositionRequest(skills=skills, method="cat", module_weights=module_weights)
+    return composition_input(CompositionRequest(skills=skills, method="cat", module_weights=module_weights))
 
 
 def test_module_weights_follow_the_canonical_skill_order():

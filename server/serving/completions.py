@@ -29,6 +29,7 @@ from server.serving.generation import (
     count_tokens,
     stream_sequences,
 )
+from server.serving.compositions import composition_input
 from server.serving.logprobs import (ChatChoiceFormatter, ChoiceFormatter, ChoiceOutput,
                                      CompletionChoiceFormatter, Echo)
 from server.serving.shapes import CHAT, COMPLETIONS, EndpointShape
@@ -176,7 +177,7 @@ class CompletionService:
         if unsupported:
             raise invalid_request(f"'{unsupported[0]}' is not supported by this server.", unsupported[0])
         await self.state.composer.refresh_skills()
-        return self.state.composer.resolve(request.model, request.composition)
+        return self.state.composer.resolve(request.model, composition_input(request.composition))
 
     async def _run(self, shape, request, resolved, prompts, max_tokens, started, formatter) -> Response:
         pin = contextlib.AsyncExitStack()

@@ -7,15 +7,25 @@ import json
 import logging
 import re
 
-from server.composition import CompositionSpec, canonical_spec, is_valid_name
+from server.composition import CompositionInput, CompositionSpec, SkillTerm, canonical_spec, is_valid_name
 from server.errors import LoramixError, invalid_request
 from server.named import spec_from_dict
-from server.protocol import CreateCompositionRequest
+from server.protocol import CompositionRequest, CreateCompositionRequest
 from server.state import ServerState
 
 logger = logging.getLogger("loramix.compositions")
 
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def composition_input(body: CompositionRequest | None) -> CompositionInput | None:
+    """The `composition` body field as the composer takes it (the HTTP model stops here)."""
+    if body is None:
+        return None
+    return CompositionInput(
+        skills=tuple(SkillTerm(skill.name, skill.weight) for skill in body.skills),
+        method=body.method, options=dict(body.options), rank=body.rank, module_weights=body.module_weights,
+    )
 
 
 def _not_found(name: str) -> LoramixError:
@@ -85,7 +95,7 @@ async def create(state: ServerState, request: CreateCompositionRequest) -> dict:
     if request.name is not None:
         _check_new_name(state, request.name)
     if request.composition is not None:
-        spec = canonical_spec(request.composition, default_method=state.settings.default_method)
+        spec = canonical_spec(composition_input(request.composition), default_method=state.settings.default_method)
         composer.check_skills(spec, skills_param="composition.skills", rank_param="composition.rank")
     else:
         spec = composer.resolve(request.model).spec
