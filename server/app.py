@@ -9,8 +9,10 @@ import logging
 from fastapi import FastAPI
 
 from server import openapi
+from server.builder import CompositionBuilder
 from server.cache import CompositionCache
 from server.composer import Composer
+from server.engine_adapters import EngineAdapters
 from server.engines import create_engine
 from server.engines.base import Engine
 from server.errors import register_exception_handlers
@@ -36,18 +38,21 @@ async def build_state(settings: Settings, engine: Engine | None) -> ServerState:
     registry = SkillRegistry(skills_dir, base_module_shapes(base_dir))
     registry.scan()
     cache_dir = settings.resolved_cache_dir(base_dir, skills_dir)
+    builder = CompositionBuilder(registry, max_lora_rank=engine.max_lora_rank, strict_rank=settings.strict_rank)
+    adapters = EngineAdapters(engine)
     cache = CompositionCache(
-        cache_dir, memory_bytes=settings.memory_cache_bytes, disk_bytes=settings.disk_cache_bytes,
-        disk_grace_s=settings.disk_cache_grace_seconds,
+        cache_dir, build=builder.build, memory_bytes=settings.memory_cache_bytes,
+        disk_bytes=settings.disk_cache_bytes, disk_grace_s=settings.disk_cache_grace_seconds,
+        on_admit=adapters.register, on_evict=adapters.unregister,
     )
     composer = Composer(
         base_name=base_name,
         registry=registry,
         cache=cache,
+        adapters=adapters,
         engine=engine,
         named=NamedCompositions(cache_dir),
         default_method=settings.default_method,
-        strict_rank=settings.strict_rank,
         merge_pool=MergePool(
             num_workers=settings.merge_workers,
             queue_size=settings.merge_queue_size,

@@ -1,5 +1,7 @@
 """The composition cache: memory LRU (bounded in bytes) over a disk cache of PEFT directories
-(bounded in bytes, survives restarts) over a build function (the merge).
+(bounded in bytes, survives restarts) over a build function (the merge). The cache is built
+with its collaborators: the build function, and hooks called when an entry enters or leaves
+the memory tier (engine registration).
 
 Every state change happens on the event loop; only file work and the build run in threads.
 Concurrent requests for the same missing key share one build (single-flight).
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -32,12 +36,16 @@ import merging
 from safetensors import SafetensorError
 
 from server import metrics
-from server.disk_tier import INFO_NAME, BuildFn, DiskTier, info_problem
+from server.composition import CompositionSpec
+from server.composition_info import CompositionInfo
+from server.disk_tier import INFO_NAME, DiskTier
 
 logger = logging.getLogger("loramix.cache")
 
 __all__ = ["INFO_NAME", "BuildFn", "CachedComposition", "CompositionCache"]
 
+# build(spec, out_dir) merges `spec`, saves the adapter into out_dir, returns (adapter, info).
+BuildFn = Callable[[CompositionSpec, Path], "tuple[merging.LoraAdapter, CompositionInfo]"]
 # run(fn, *args) runs fn(*args) on a worker thread (default: asyncio.to_thread).
 RunFn = Callable[..., Awaitable]
 Hook = Callable[["CachedComposition"], Awaitable[None]]
@@ -50,7 +58,7 @@ class CachedComposition:
     key: str
     path: Path
     adapter: merging.LoraAdapter
-    info: dict
+    info: CompositionInfo
     in_use: int = 0
     last_used: float = field(default_factory=time.time)
     on_disk: bool = True  # False: memory tier only, `path` is in the scratch directory
@@ -77,6 +85,7 @@ class CompositionCache:
         self,
         cache_dir: Path,
         *,
+        build: BuildFn,
         memory_bytes: int,
         disk_bytes: int,
         disk_grace_s: float = 600.0,
@@ -86,6 +95,7 @@ class CompositionCache:
         self.cache_dir = Path(cache_dir)
         self.memory_bytes = memory_bytes
         self.disk_bytes = disk_bytes
+        self._build = build
         self._on_admit = on_admit
         self._on_evict = on_evict
         self._memory: OrderedDict[str, CachedComposition] = OrderedDict()
@@ -98,11 +108,6 @@ class CompositionCache:
             self.disk.scan()
         except OSError as exc:
             self._disk_failed("scan", exc)
-
-    def set_hooks(self, on_admit: Hook | None, on_evict: Hook | None) -> None:
-        """Called when an entry enters / leaves the memory tier (engine registration)."""
-        self._on_admit = on_admit
-        self._on_evict = on_evict
 
     # ------------------------------------------------------------------ disk tier
 
@@ -121,9 +126,10 @@ class CompositionCache:
             logger.info("composition cache: the disk tier works again")
         self._disk_ok = True
 
-    def _write(self, key: str, build: BuildFn, tmp: Path) -> tuple[merging.LoraAdapter, dict, Path, bool]:
+    def _write(self, key: str, spec: CompositionSpec, tmp: Path) -> tuple[merging.LoraAdapter, CompositionInfo, Path, bool]:
         """Build `key` into the disk tier (through `tmp`), or into memory only when the disk
         fails. Returns (adapter, info, path, on_disk)."""
+        build = functools.partial(self._build, spec)
         try:
             adapter, info = self.disk.write(key, build, tmp)
             self._disk_worked()
@@ -136,7 +142,7 @@ class CompositionCache:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir()
         adapter, info = build(path)
-        return adapter, {**info, "key": key, "created": time.time()}, path, False
+        return adapter, dataclasses.replace(info, key=key, created=time.time()), path, False
 
     def _scratch_dir(self) -> Path:
         """This process's directory for memory-only entries (removed when the cache is)."""
@@ -217,7 +223,7 @@ class CompositionCache:
 
     # ------------------------------------------------------------------ lookups
 
-    async def _fill(self, key: str, build: BuildFn, run: RunFn) -> None:
+    async def _fill(self, key: str, spec: CompositionSpec, run: RunFn) -> None:
         """Bring `key` into the memory tier: from disk if there, else by building it (with `run`)."""
         loaded = await asyncio.to_thread(self.disk.read, key)
         path, on_disk = self.disk.path(key), True
@@ -228,7 +234,7 @@ class CompositionCache:
             tmp = self.disk.new_tmp(key)
             heartbeat = asyncio.create_task(self._heartbeat(tmp))
             try:
-                *loaded, path, on_disk = await run(self._write, key, build, tmp)
+                *loaded, path, on_disk = await run(self._write, key, spec, tmp)
             finally:
                 heartbeat.cancel()
         adapter, info = loaded
@@ -236,12 +242,12 @@ class CompositionCache:
         await self._admit(entry)
         await self._evict_disk(keep=key)
 
-    async def acquire(self, key: str, build: BuildFn, run: RunFn = asyncio.to_thread) -> CachedComposition:
-        """The entry for `key`, pinned (not evictable) until `release` is called.
+    async def acquire(self, key: str, spec: CompositionSpec, run: RunFn = asyncio.to_thread) -> CachedComposition:
+        """The entry for `key` (the key of `spec`), pinned (not evictable) until `release` is called.
 
         Concurrent callers for a missing key await one shared `_fill`; a caller that goes
-        away does not cancel it (others may be waiting). The build runs through `run` (a
-        merge pool's lane), the first caller's."""
+        away does not cancel it (others may be waiting). The build of `spec` runs through
+        `run` (a merge pool's lane), the first caller's."""
         first = True
         while True:
             entry = self._memory.get(key)
@@ -260,7 +266,7 @@ class CompositionCache:
             first = False
             task = self._inflight.get(key)
             if task is None:
-                task = asyncio.create_task(self._fill(key, build, run))
+                task = asyncio.create_task(self._fill(key, spec, run))
                 self._inflight[key] = task
                 task.add_done_callback(lambda t, k=key: self._finish(k, t))
             await asyncio.shield(task)
@@ -278,16 +284,15 @@ class CompositionCache:
 
     # ------------------------------------------------------------------ management
 
-    def peek(self, key: str) -> dict | None:
+    def peek(self, key: str) -> CompositionInfo | None:
         """The stored info of `key` without loading it (memory first, then disk), or None."""
         entry = self._memory.get(key)
         if entry is not None:
             return entry.info
         try:
-            info = json.loads((self.cache_dir / key / INFO_NAME).read_text())
-        except (OSError, ValueError):
+            return CompositionInfo.from_json(json.loads((self.cache_dir / key / INFO_NAME).read_text()), key)
+        except (OSError, ValueError):  # CorruptInfo is a ValueError
             return None
-        return info if info_problem(info, key) is None else None
 
     def tier(self, key: str) -> str | None:
         """Where `key` is cached: "memory", "disk" or None."""

@@ -15,6 +15,7 @@ Rules that make sharing safe (docs/server.md, "Sharing the cache directory"):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -32,6 +33,7 @@ import merging
 from merging.adapter import CONFIG_NAME, WEIGHTS_NAME
 
 from server import metrics
+from server.composition_info import CompositionInfo, CorruptInfo
 
 logger = logging.getLogger("loramix.cache")
 
@@ -43,30 +45,9 @@ TRASH_PREFIX = ".del-"
 HOST_ID = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 # build(out_dir) merges, saves the adapter into out_dir and returns (adapter, info).
-BuildFn = Callable[[Path], "tuple[merging.LoraAdapter, dict]"]
+BuildFn = Callable[[Path], "tuple[merging.LoraAdapter, CompositionInfo]"]
 # on_error(operation, exc): a disk failure the tier absorbed (counted and logged by the cache).
 ErrorFn = Callable[[str, BaseException], None]
-
-# Fields of composition.json that listings read, and their JSON types.
-_INFO_FIELDS = {
-    "model": str, "spec": str, "rank": int, "num_bytes": int, "merge_seconds": (int, float), "sources": list,
-}
-
-
-def info_problem(info, key: str) -> str | None:
-    """What is wrong with a stored composition.json (None if nothing): any shape is possible."""
-    if not isinstance(info, dict):
-        return f"{INFO_NAME} is not an object"
-    if info.get("key") != key:
-        return f"{INFO_NAME} is for another key"
-    created = info.get("created")
-    if not isinstance(created, (int, float)) or isinstance(created, bool) or created != created:
-        return f"{INFO_NAME} has no valid creation time"
-    for name, kind in _INFO_FIELDS.items():
-        if name in info and (not isinstance(info[name], kind) or isinstance(info[name], bool)):
-            return f"{INFO_NAME} has a {name} of the wrong type"
-    return None
-
 
 def entry_problem(path: Path) -> str | None:
     """A quick check of a disk entry (its files exist, its JSON files are sound); the weights
@@ -80,7 +61,11 @@ def entry_problem(path: Path) -> str | None:
         return f"a JSON file cannot be read ({type(exc).__name__})"
     if not isinstance(config, dict):
         return f"{CONFIG_NAME} is not an object"
-    return info_problem(info, path.name)
+    try:
+        CompositionInfo.from_json(info, path.name)
+    except CorruptInfo as exc:
+        return str(exc)
+    return None
 
 
 def dir_bytes(path: Path) -> int:
@@ -179,17 +164,18 @@ class DiskTier:
 
     # ------------------------------------------------------------------ entries
 
-    def read(self, key: str) -> tuple[merging.LoraAdapter, dict] | None:
+    def read(self, key: str) -> tuple[merging.LoraAdapter, CompositionInfo] | None:
         """The adapter and info of `key`, or None. A corrupt entry is discarded; an entry that
         vanished while being read (another replica evicted it) is just a miss."""
         path = self.path(key)
         if not path.is_dir():
             return None
+        problem = None
         try:
-            info = json.loads((path / INFO_NAME).read_text())
-            problem = info_problem(info, key)
-            if problem is None:
-                adapter = merging.load_adapter(path, name=key[:12])
+            info = CompositionInfo.from_json(json.loads((path / INFO_NAME).read_text()), key)
+            adapter = merging.load_adapter(path, name=key[:12])
+        except CorruptInfo as exc:
+            problem = str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure to decode an entry makes it corrupt
             problem = f"{type(exc).__name__}: {exc}"
         if problem is not None:
@@ -202,15 +188,15 @@ class DiskTier:
         self._index_one(path, time.time())
         return adapter, info
 
-    def write(self, key: str, build: BuildFn, tmp: Path) -> tuple[merging.LoraAdapter, dict]:
+    def write(self, key: str, build: BuildFn, tmp: Path) -> tuple[merging.LoraAdapter, CompositionInfo]:
         """Build `key` into `tmp` and rename it into place. If another writer got there first
         with a complete entry, adopt theirs (same content: the key is content-addressed)."""
         _LIVE_TMPS.add(tmp.name)
         try:
             tmp.mkdir()
             adapter, info = build(tmp)
-            info = {**info, "key": key, "created": time.time()}
-            (tmp / INFO_NAME).write_text(json.dumps(info, sort_keys=True))
+            info = dataclasses.replace(info, key=key, created=time.time())
+            (tmp / INFO_NAME).write_text(json.dumps(info.to_json(), sort_keys=True))
             existing = self._publish(key, tmp)
             self._index_one(self.path(key), time.time())
             return existing or (adapter, info)
@@ -218,7 +204,7 @@ class DiskTier:
             _LIVE_TMPS.discard(tmp.name)
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def restore(self, key: str, adapter: merging.LoraAdapter, info: dict) -> None:
+    def restore(self, key: str, adapter: merging.LoraAdapter, info: CompositionInfo) -> None:
         """Write an entry this replica still holds in memory back to disk (another replica
         evicted it while it was unused for the grace period)."""
         tmp = self.new_tmp(key)
@@ -226,13 +212,13 @@ class DiskTier:
         try:
             tmp.mkdir()
             adapter.save(tmp)
-            (tmp / INFO_NAME).write_text(json.dumps(info, sort_keys=True))
+            (tmp / INFO_NAME).write_text(json.dumps(info.to_json(), sort_keys=True))
             self._publish(key, tmp)
         finally:
             _LIVE_TMPS.discard(tmp.name)
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _publish(self, key: str, tmp: Path) -> tuple[merging.LoraAdapter, dict] | None:
+    def _publish(self, key: str, tmp: Path) -> tuple[merging.LoraAdapter, CompositionInfo] | None:
         """Rename `tmp` to the entry of `key` (None), or return the complete entry already there."""
         for _ in range(3):
             try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 
 from server.adapter_names import AdapterNames
-from server.composer import MAX_ADAPTER_ID, AdapterIds, adapter_id_for
+from server.engine_adapters import MAX_ADAPTER_ID, AdapterIds, adapter_id_for
 from server.engines.base import AdapterHandle
 from tests.optional_deps import require_module
 

@@ -12,6 +12,10 @@ import torch
 
 import merging
 from server.cache import CompositionCache
+from server.composition import spec_from_model_string
+from server.composition_info import CompositionInfo
+
+SPEC = spec_from_model_string("math+code", default_method="cat")  # what MergeBuilder merges
 
 
 class MergeBuilder:
@@ -25,13 +29,19 @@ class MergeBuilder:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, out_dir):
+    def __call__(self, spec, out_dir):
         with self._lock:
             self.calls += 1
         self.release.wait(timeout=60)
         result = merging.merge(self.adapters, self.weights, method="cat")
         result.adapter.save(out_dir)
-        return result.adapter, dict(result.info)
+        info = CompositionInfo(model=spec.model_string(), spec=spec.canonical_json(), method=result.info["method"],
+                               rank=result.adapter.max_rank, num_bytes=result.adapter.num_bytes)
+        return result.adapter, info
+
+
+def never_build(spec, out_dir):
+    raise AssertionError("this cache only reads what is on disk")
 
 
 def key_of(text: str) -> str:
@@ -50,11 +60,12 @@ class Hooks:
         self.evicted.append(entry.key)
 
 
-def make_cache(path, hooks=None, memory_bytes=10**9, disk_bytes=10**9, disk_grace_s=0.0) -> CompositionCache:
+def make_cache(path, hooks=None, memory_bytes=10**9, disk_bytes=10**9, disk_grace_s=0.0,
+               build=never_build) -> CompositionCache:
     """A cache alone on its directory by default: no grace period, entries evictable at once."""
     hooks = hooks or Hooks()
     return CompositionCache(
-        path, memory_bytes=memory_bytes, disk_bytes=disk_bytes, disk_grace_s=disk_grace_s,
+        path, build=build, memory_bytes=memory_bytes, disk_bytes=disk_bytes, disk_grace_s=disk_grace_s,
         on_admit=hooks.admit, on_evict=hooks.evict,
     )
 
@@ -64,9 +75,9 @@ def test_concurrent_requests_for_a_missing_key_build_once(skills_dir, tmp_path):
     hooks = Hooks()
 
     async def scenario():
-        cache = make_cache(tmp_path, hooks)
+        cache = make_cache(tmp_path, hooks, build=build)
         build.release.clear()  # hold the build until every request is waiting on it
-        tasks = [asyncio.create_task(cache.acquire(key_of("a"), build)) for _ in range(16)]
+        tasks = [asyncio.create_task(cache.acquire(key_of("a"), SPEC)) for _ in range(16)]
         await asyncio.sleep(0.05)
         build.release.set()
         return await asyncio.gather(*tasks)
@@ -80,7 +91,7 @@ def test_concurrent_requests_for_a_missing_key_build_once(skills_dir, tmp_path):
 
 def test_merged_entry_is_a_loadable_peft_dir_equal_to_the_merge(skills_dir, tmp_path):
     build = MergeBuilder(skills_dir)
-    entry = asyncio.run(make_cache(tmp_path).acquire(key_of("a"), build))
+    entry = asyncio.run(make_cache(tmp_path, build=build).acquire(key_of("a"), SPEC))
     reloaded = merging.load_adapter(entry.path)
     expected = merging.merge(build.adapters, build.weights, method="cat").adapter
     assert set(reloaded.modules) == set(expected.modules)
@@ -90,17 +101,17 @@ def test_merged_entry_is_a_loadable_peft_dir_equal_to_the_merge(skills_dir, tmp_
 
 def test_disk_cache_survives_restart(skills_dir, tmp_path):
     build = MergeBuilder(skills_dir)
-    first = asyncio.run(make_cache(tmp_path).acquire(key_of("a"), build))
-    second = asyncio.run(make_cache(tmp_path).acquire(key_of("a"), build))
+    first = asyncio.run(make_cache(tmp_path, build=build).acquire(key_of("a"), SPEC))
+    second = asyncio.run(make_cache(tmp_path, build=build).acquire(key_of("a"), SPEC))
     assert build.calls == 1
-    assert second.info["key"] == key_of("a")
-    assert second.info["created"] == first.info["created"]
+    assert second.info.key == key_of("a")
+    assert second.info.created == first.info.created
 
 
 @pytest.mark.parametrize("damage", ["truncate_weights", "delete_config", "garbage_info"])
 def test_corrupted_disk_entry_is_rebuilt(skills_dir, tmp_path, damage):
     build = MergeBuilder(skills_dir)
-    entry = asyncio.run(make_cache(tmp_path).acquire(key_of("a"), build))
+    entry = asyncio.run(make_cache(tmp_path, build=build).acquire(key_of("a"), SPEC))
     if damage == "truncate_weights":
         weights = entry.path / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
@@ -108,7 +119,7 @@ def test_corrupted_disk_entry_is_rebuilt(skills_dir, tmp_path, damage):
         (entry.path / "adapter_config.json").unlink()
     else:
         (entry.path / "composition.json").write_text("{not json")
-    rebuilt = asyncio.run(make_cache(tmp_path).acquire(key_of("a"), build))
+    rebuilt = asyncio.run(make_cache(tmp_path, build=build).acquire(key_of("a"), SPEC))
     assert build.calls == 2
     merging.load_adapter(rebuilt.path)  # valid again
 
@@ -127,15 +138,15 @@ def test_memory_tier_evicts_least_recently_used_unpinned(skills_dir, tmp_path):
 
     async def scenario():
         size = sum(a.num_bytes for a in build.adapters)  # cat rank = sum of ranks
-        cache = make_cache(tmp_path, hooks, memory_bytes=int(size * 1.5))
-        a = await cache.acquire(key_of("a"), build)
-        b = await cache.acquire(key_of("b"), build)  # a is pinned: nothing evicted yet
+        cache = make_cache(tmp_path, hooks, memory_bytes=int(size * 1.5), build=build)
+        a = await cache.acquire(key_of("a"), SPEC)
+        b = await cache.acquire(key_of("b"), SPEC)  # a is pinned: nothing evicted yet
         assert hooks.evicted == []
         await cache.release(a)  # now a is over the bound and unpinned
         assert hooks.evicted == [key_of("a")]
         assert cache.tier(key_of("a")) == "disk" and cache.tier(key_of("b")) == "memory"
         await cache.release(b)
-        again = await cache.acquire(key_of("a"), build)  # back from disk, b evicted
+        again = await cache.acquire(key_of("a"), SPEC)  # back from disk, b evicted
         return again
 
     again = asyncio.run(scenario())
@@ -149,9 +160,9 @@ def test_disk_tier_evicts_oldest_entries_beyond_its_bound(skills_dir, tmp_path):
     build = MergeBuilder(skills_dir)
 
     async def scenario():
-        cache = make_cache(tmp_path, memory_bytes=0, disk_bytes=1)
+        cache = make_cache(tmp_path, memory_bytes=0, disk_bytes=1, build=build)
         for name in "abc":
-            entry = await cache.acquire(key_of(name), build)
+            entry = await cache.acquire(key_of(name), SPEC)
             await cache.release(entry)
         return cache
 
@@ -164,16 +175,16 @@ def test_disk_tier_evicts_oldest_entries_beyond_its_bound(skills_dir, tmp_path):
 def test_failed_build_reaches_every_waiter_and_is_not_cached(skills_dir, tmp_path):
     calls = []
 
-    def failing(out_dir):
+    def failing(spec, out_dir):
         calls.append(out_dir)
         raise merging.IncompatibleAdaptersError("adapters cannot be combined")
 
     async def scenario():
-        cache = make_cache(tmp_path)
-        results = await asyncio.gather(*(cache.acquire(key_of("x"), failing) for _ in range(4)), return_exceptions=True)
+        cache = make_cache(tmp_path, build=failing)
+        results = await asyncio.gather(*(cache.acquire(key_of("x"), SPEC) for _ in range(4)), return_exceptions=True)
         assert all(isinstance(r, merging.IncompatibleAdaptersError) for r in results)
         with pytest.raises(merging.IncompatibleAdaptersError):
-            await cache.acquire(key_of("x"), failing)
+            await cache.acquire(key_of("x"), SPEC)
         return cache
 
     cache = asyncio.run(scenario())
@@ -187,8 +198,8 @@ def test_discard_removes_both_tiers_but_not_pinned(skills_dir, tmp_path):
     hooks = Hooks()
 
     async def scenario():
-        cache = make_cache(tmp_path, hooks)
-        entry = await cache.acquire(key_of("a"), build)
+        cache = make_cache(tmp_path, hooks, build=build)
+        entry = await cache.acquire(key_of("a"), SPEC)
         assert await cache.discard(key_of("a")) is False  # in use
         await cache.release(entry)
         assert await cache.discard(key_of("a")) is True
@@ -208,10 +219,10 @@ def test_entry_the_engine_refuses_is_not_kept_in_memory(skills_dir, tmp_path):
         raise RuntimeError("engine refused the adapter")
 
     async def scenario():
-        cache = CompositionCache(tmp_path, memory_bytes=10**9, disk_bytes=10**9, on_admit=refuse)
+        cache = CompositionCache(tmp_path, build=build, memory_bytes=10**9, disk_bytes=10**9, on_admit=refuse)
         for _ in range(2):
             with pytest.raises(RuntimeError):
-                await cache.acquire(key_of("a"), build)
+                await cache.acquire(key_of("a"), SPEC)
         return cache
 
     cache = asyncio.run(scenario())

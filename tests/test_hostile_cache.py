@@ -16,7 +16,7 @@ import sys
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
-from test_cache import MergeBuilder, key_of, make_cache
+from test_cache import SPEC, MergeBuilder, key_of, make_cache
 
 import merging
 from server.app import create_app
@@ -95,13 +95,13 @@ def test_memory_only_entries_are_rebuilt_after_eviction_and_leave_no_files(skill
     build = MergeBuilder(skills_dir)
 
     async def scenario():
-        cache = make_cache(tmp_path, memory_bytes=1)
-        first = await cache.acquire(key_of("a"), build)
+        cache = make_cache(tmp_path, memory_bytes=1, build=build)
+        first = await cache.acquire(key_of("a"), SPEC)
         assert not first.on_disk and first.path.is_dir()
         await cache.release(first)
         assert not first.path.exists()  # evicted from memory: its scratch files are gone
-        await cache.release(await cache.acquire(key_of("b"), build))
-        again = await cache.acquire(key_of("a"), build)
+        await cache.release(await cache.acquire(key_of("b"), SPEC))
+        again = await cache.acquire(key_of("a"), SPEC)
         merging.load_adapter(again.path)
         return cache
 
@@ -114,9 +114,9 @@ def test_disk_that_works_again_is_used_again(skills_dir, tmp_path, monkeypatch):
     build = MergeBuilder(skills_dir)
     with monkeypatch.context() as patch:
         make_read_only(patch, tmp_path)
-        cache = make_cache(tmp_path)
-        asyncio.run(cache.acquire(key_of("a"), build))
-    entry = asyncio.run(cache.acquire(key_of("b"), build))
+        cache = make_cache(tmp_path, build=build)
+        asyncio.run(cache.acquire(key_of("a"), SPEC))
+    entry = asyncio.run(cache.acquire(key_of("b"), SPEC))
     assert entry.on_disk and (tmp_path / key_of("b") / INFO_NAME).is_file()
 
 
@@ -142,12 +142,12 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_corrupt_entry_of_any_shape_is_discarded_and_merged_again(skills_dir, tmp_path, damage):
     build = MergeBuilder(skills_dir)
-    entry = asyncio.run(make_cache(tmp_path).acquire(key_of("a"), build))
+    entry = asyncio.run(make_cache(tmp_path, build=build).acquire(key_of("a"), SPEC))
     DAMAGE[damage](entry.path, key_of("a"))
     corrupt = metric("loramix_composition_cache_corrupt_entries_total")
-    cache = make_cache(tmp_path)  # a restart
+    cache = make_cache(tmp_path, build=build)  # a restart
     assert cache.peek(key_of("a")) is None and key_of("a") not in cache.keys()
-    rebuilt = asyncio.run(cache.acquire(key_of("a"), build))
+    rebuilt = asyncio.run(cache.acquire(key_of("a"), SPEC))
     assert build.calls == 2
     assert metric("loramix_composition_cache_corrupt_entries_total") - corrupt == 1
     merging.load_adapter(rebuilt.path)
@@ -159,13 +159,13 @@ def test_entry_corrupted_while_serving_is_merged_again(skills_dir, tmp_path, dam
     build = MergeBuilder(skills_dir)
 
     async def scenario():
-        cache = make_cache(tmp_path, memory_bytes=1)
+        cache = make_cache(tmp_path, memory_bytes=1, build=build)
         for name in ("a", "b"):  # "a" leaves the memory tier
-            await cache.release(await cache.acquire(key_of(name), build))
+            await cache.release(await cache.acquire(key_of(name), SPEC))
         DAMAGE[damage](tmp_path / key_of("a"), key_of("a"))
         if damage == "info_is_a_list":
             assert cache.peek(key_of("a")) is None
-        return await cache.acquire(key_of("a"), build)
+        return await cache.acquire(key_of("a"), SPEC)
 
     entry = asyncio.run(scenario())
     assert build.calls == 3
@@ -254,9 +254,9 @@ def test_write_in_progress_is_never_visible(skills_dir, tmp_path):
     build = MergeBuilder(skills_dir)
 
     async def scenario():
-        cache = make_cache(tmp_path)
+        cache = make_cache(tmp_path, build=build)
         build.release.clear()
-        task = asyncio.create_task(cache.acquire(key_of("a"), build))
+        task = asyncio.create_task(cache.acquire(key_of("a"), SPEC))
         await asyncio.sleep(0.1)
         visible = (cache.keys(), cache.peek(key_of("a")), sorted(p.name[:5] for p in tmp_path.iterdir()))
         build.release.set()
@@ -269,7 +269,7 @@ def test_write_in_progress_is_never_visible(skills_dir, tmp_path):
 
 def test_leftovers_of_a_killed_writer_are_not_served_and_are_removed(skills_dir, tmp_path):
     build = MergeBuilder(skills_dir)
-    complete = asyncio.run(make_cache(tmp_path / "donor").acquire(key_of("a"), build)).path
+    complete = asyncio.run(make_cache(tmp_path / "donor", build=build).acquire(key_of("a"), SPEC)).path
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
     killed = cache_dir / f".tmp-{key_of('a')[:16]}-{HOST_ID}-{_dead_pid()}-0badc0de"  # all files, never renamed
@@ -279,8 +279,8 @@ def test_leftovers_of_a_killed_writer_are_not_served_and_are_removed(skills_dir,
     shutil.copy(complete / "adapter_model.safetensors", partial)
     live = cache_dir / f".tmp-{key_of('c')[:16]}-{HOST_ID}-{os.getppid()}-0badc0de"  # another live server's
     live.mkdir()
-    cache = make_cache(cache_dir)
+    cache = make_cache(cache_dir, build=build)
     assert cache.keys() == [] and cache.peek(key_of("a")) is None
     assert not killed.exists() and not partial.exists() and live.exists()
-    asyncio.run(cache.acquire(key_of("a"), build))
+    asyncio.run(cache.acquire(key_of("a"), SPEC))
     assert build.calls == 2  # merged again, not taken from the leftover

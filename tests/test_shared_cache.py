@@ -10,7 +10,7 @@ import os
 import threading
 import time
 
-from test_cache import MergeBuilder, key_of, make_cache
+from test_cache import SPEC, MergeBuilder, key_of, make_cache
 from test_hostile_cache import serve, text_of
 
 import merging
@@ -40,20 +40,20 @@ def test_concurrent_writes_of_one_key_by_two_replicas_leave_one_complete_entry(s
     both_building = threading.Barrier(2, timeout=30)
 
     def build_in_step(builder):
-        def build(out_dir):
+        def build(spec, out_dir):
             both_building.wait()  # both replicas have merged into their temp dirs before either renames
-            return builder(out_dir)
+            return builder(spec, out_dir)
         return build
 
     async def scenario():
-        replicas = [make_cache(tmp_path), make_cache(tmp_path)]
-        return await asyncio.gather(*(r.acquire(key_of("a"), build_in_step(b)) for r, b in zip(replicas, builds)))
+        replicas = [make_cache(tmp_path, build=build_in_step(b)) for b in builds]
+        return await asyncio.gather(*(r.acquire(key_of("a"), SPEC) for r in replicas))
 
     first, second = asyncio.run(scenario())
     assert [b.calls for b in builds] == [1, 1]
     assert _entries(tmp_path) == [key_of("a")]  # no temp dir left, no second copy
     assert first.path == second.path == tmp_path / key_of("a")
-    assert first.info["created"] == second.info["created"]  # the loser adopted the winner's entry
+    assert first.info.created == second.info.created  # the loser adopted the winner's entry
     stored = merging.load_adapter(first.path)
     for name, module in first.adapter.modules.items():
         assert (stored.modules[name].lora_a == module.lora_a).all()
@@ -64,13 +64,13 @@ def test_eviction_counts_every_replicas_entries_but_spares_recently_used_ones(sk
     build = MergeBuilder(skills_dir)
 
     async def scenario():
-        writer = make_cache(tmp_path, disk_grace_s=60)
+        writer = make_cache(tmp_path, disk_grace_s=60, build=build)
         for name in "abc":
-            await writer.release(await writer.acquire(key_of(name), build))
+            await writer.release(await writer.acquire(key_of(name), SPEC))
         _age(tmp_path / key_of("a"), 120)  # unused for longer than the grace period
         _age(tmp_path / key_of("b"), 120)
-        evicting = make_cache(tmp_path, memory_bytes=0, disk_bytes=1, disk_grace_s=60)
-        await evicting.release(await evicting.acquire(key_of("b"), build))  # a disk hit touches b
+        evicting = make_cache(tmp_path, memory_bytes=0, disk_bytes=1, disk_grace_s=60, build=build)
+        await evicting.release(await evicting.acquire(key_of("b"), SPEC))  # a disk hit touches b
         return evicting
 
     evicting = asyncio.run(scenario())
@@ -84,15 +84,15 @@ def test_an_entry_evicted_by_another_replica_is_restored_from_memory(skills_dir,
     build = MergeBuilder(skills_dir)
 
     async def scenario():
-        serving = make_cache(tmp_path, disk_grace_s=60)
-        entry = await serving.acquire(key_of("a"), build)
+        serving = make_cache(tmp_path, disk_grace_s=60, build=build)
+        entry = await serving.acquire(key_of("a"), SPEC)
         await serving.release(entry)
         _age(entry.path, 120)  # then idle here for longer than the grace period ...
         entry.touched -= 120
-        evicting = make_cache(tmp_path, memory_bytes=0, disk_bytes=1, disk_grace_s=60)
-        await evicting.release(await evicting.acquire(key_of("b"), build))
+        evicting = make_cache(tmp_path, memory_bytes=0, disk_bytes=1, disk_grace_s=60, build=build)
+        await evicting.release(await evicting.acquire(key_of("b"), SPEC))
         assert not entry.path.exists()  # ... so the other replica evicted it
-        again = await serving.acquire(key_of("a"), build)  # a memory hit: written back
+        again = await serving.acquire(key_of("a"), SPEC)  # a memory hit: written back
         return entry, again
 
     entry, again = asyncio.run(scenario())
@@ -108,13 +108,13 @@ def test_stale_temp_dirs_are_swept_while_running_and_live_ones_kept(skills_dir, 
     live_here = tmp_path / f"{TMP_PREFIX}{key_of('z')[:16]}-{HOST_ID}-{os.getppid()}-0badc0de"
 
     async def scenario():
-        cache = make_cache(tmp_path, disk_grace_s=60)
+        cache = make_cache(tmp_path, disk_grace_s=60, build=build)
         for leftover in (dead_elsewhere, live_elsewhere, live_here):
             leftover.mkdir()
             (leftover / "adapter_model.safetensors").write_bytes(b"partial")
         _age(dead_elsewhere, 120)  # no heartbeat for longer than the grace period
         _age(live_here, 120)  # old, but its writer runs on this host
-        await cache.release(await cache.acquire(key_of("a"), build))  # a write sweeps the directory
+        await cache.release(await cache.acquire(key_of("a"), SPEC))  # a write sweeps the directory
         return cache
 
     cache = asyncio.run(scenario())
@@ -127,10 +127,10 @@ def test_a_slow_writer_keeps_its_temp_dir_alive_with_a_heartbeat(skills_dir, tmp
     build = MergeBuilder(skills_dir)
 
     async def scenario():
-        writer = make_cache(tmp_path, disk_grace_s=1.0)  # touches its temp dir every 0.5 s
-        sweeper = make_cache(tmp_path, disk_grace_s=1.0)
+        writer = make_cache(tmp_path, disk_grace_s=1.0, build=build)  # touches its temp dir every 0.5 s
+        sweeper = make_cache(tmp_path, disk_grace_s=1.0, build=build)
         build.release.clear()
-        task = asyncio.create_task(writer.acquire(key_of("a"), build))
+        task = asyncio.create_task(writer.acquire(key_of("a"), SPEC))
         for _ in range(6):  # 3 s of building, swept every 0.5 s by the other replica
             await asyncio.sleep(0.5)
             await asyncio.to_thread(sweeper.disk.refresh)

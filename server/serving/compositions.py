@@ -8,6 +8,7 @@ import logging
 import re
 
 from server.composition import CompositionInput, CompositionSpec, SkillTerm, canonical_spec, is_valid_name
+from server.composition_info import CompositionInfo
 from server.errors import LoramixError, invalid_request
 from server.named import spec_from_dict
 from server.protocol import CompositionRequest, CreateCompositionRequest
@@ -49,7 +50,7 @@ def describe(state: ServerState, spec: CompositionSpec, name: str | None = None,
     if unusable_reason is None and key is not None and key != current:
         unusable_reason = "A skill it uses changed since it was merged; using it merges it again."
     key = key or current
-    info = (composer.cache.peek(key) if key else None) or {}
+    info = (composer.cache.peek(key) if key else None) or CompositionInfo()
     return {
         "id": name or spec.model_string(),
         "object": "composition",
@@ -67,15 +68,15 @@ def describe(state: ServerState, spec: CompositionSpec, name: str | None = None,
             if spec.module_weights else None
         ),
         "cached": composer.cache.tier(key) if key else None,
-        "rank": info.get("rank"),
-        "merge_seconds": info.get("merge_seconds"),
-        "relative_error": info.get("relative_error"),
-        "compressed": info.get("compressed"),
-        "rank_before_compression": info.get("rank_before_compression"),
-        "compression_relative_error": info.get("compression_relative_error"),
-        "num_bytes": info.get("num_bytes"),
-        "sources": info.get("sources"),
-        "created": int(info["created"]) if "created" in info else None,
+        "rank": info.rank,
+        "merge_seconds": info.merge_seconds,
+        "relative_error": info.relative_error,
+        "compressed": info.compressed,
+        "rank_before_compression": info.rank_before_compression,
+        "compression_relative_error": info.compression_relative_error,
+        "num_bytes": info.num_bytes,
+        "sources": [vars(source) for source in info.sources] if info.sources is not None else None,
+        "created": int(info.created) if info.created is not None else None,
     }
 
 
@@ -125,14 +126,14 @@ def list_all(state: ServerState) -> dict:
     return {"object": "list", "data": data}
 
 
-def _spec_of(info: dict | None) -> CompositionSpec | None:
+def _spec_of(info: CompositionInfo | None) -> CompositionSpec | None:
     """The spec stored with a cached entry, or None if there is none or it is unreadable."""
-    if info is None or "spec" not in info:
+    if info is None or info.spec is None:
         return None
     try:
-        return spec_from_dict(json.loads(info["spec"]))
+        return spec_from_dict(json.loads(info.spec))
     except Exception:  # noqa: BLE001 - a stored description of any shape must not fail a listing
-        logger.warning("cache entry %s has an unreadable spec", str(info.get("key"))[:12])
+        logger.warning("cache entry %s has an unreadable spec", str(info.key)[:12])
         return None
 
 

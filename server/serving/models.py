@@ -29,12 +29,11 @@ def list_models(state: ServerState) -> ModelList:
         ))
     for key in composer.cache.keys():
         info = composer.cache.peek(key)
-        if info is None or "model" not in info:
+        if info is None or info.model is None:
             continue
         cards.append(ModelCard(
-            id=info["model"], created=int(info.get("created", created)), root=state.base_name,
-            parent=state.base_name,
-            loramix={"kind": "composition", "key": key, "rank": info.get("rank"), "tier": composer.cache.tier(key)},
+            id=info.model, created=int(info.created), root=state.base_name, parent=state.base_name,
+            loramix={"kind": "composition", "key": key, "rank": info.rank, "tier": composer.cache.tier(key)},
         ))
     return ModelList(data=cards)
 

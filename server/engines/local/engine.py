@@ -187,8 +187,8 @@ class LocalEngine(Engine):
         """Queue the request and stream its deltas; closing the stream early aborts it."""
         self._require_started()
         self._check_request(request_id, prompt_token_ids, sampling)
-        if adapter is not None and not self._slots.is_registered(adapter.adapter_id):
-            await self.add_adapter(adapter)
+        if adapter is not None:  # registered or not, it is loaded into a slot by the worker
+            check_rank(adapter.name, adapter.rank, self._max_lora_rank)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seq = Sequence(

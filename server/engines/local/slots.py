@@ -97,7 +97,6 @@ class AdapterSlots:
         Worker thread only: it writes the slot buffers."""
         with self._lock:
             adapter_id = handle.adapter_id
-            self._handles.setdefault(adapter_id, handle)
             if adapter_id in self._resident:
                 self._resident.move_to_end(adapter_id)
                 self._pins[adapter_id] = self._pins.get(adapter_id, 0) + 1
@@ -115,6 +114,7 @@ class AdapterSlots:
                 raise
         self._write(slot, adapter)
         with self._lock:
+            self._handles.setdefault(adapter_id, handle)  # known once it loaded (never added: now)
             self._resident[adapter_id] = slot
             self._pins[adapter_id] = self._pins.get(adapter_id, 0) + 1
             self.num_loads += 1
