@@ -45,7 +45,7 @@ TRASH_PREFIX = ".del-"
 HOST_ID = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 # build(out_dir) merges, saves the adapter into out_dir and returns (adapter, info).
-BuildFn = Callable[[Path], "tuple[merging.LoraAdapter, CompositionInfo]"]
+DirBuildFn = Callable[[Path], "tuple[merging.LoraAdapter, CompositionInfo]"]
 # on_error(operation, exc): a disk failure the tier absorbed (counted and logged by the cache).
 ErrorFn = Callable[[str, BaseException], None]
 
@@ -188,7 +188,7 @@ class DiskTier:
         self._index_one(path, time.time())
         return adapter, info
 
-    def write(self, key: str, build: BuildFn, tmp: Path) -> tuple[merging.LoraAdapter, CompositionInfo]:
+    def write(self, key: str, build: DirBuildFn, tmp: Path) -> tuple[merging.LoraAdapter, CompositionInfo]:
         """Build `key` into `tmp` and rename it into place. If another writer got there first
         with a complete entry, adopt theirs (same content: the key is content-addressed)."""
         _LIVE_TMPS.add(tmp.name)
