@@ -229,3 +229,19 @@ def test_entry_the_engine_refuses_is_not_kept_in_memory(skills_dir, tmp_path):
     assert refusals == [key_of("a"), key_of("a")]  # tried again, not served from memory
     assert build.calls == 1  # the merged adapter on disk is reused
     assert cache.tier(key_of("a")) == "disk"
+
+
+def test_composition_info_reads_and_writes_composition_json_as_before():
+    # composition.json as every earlier version wrote it (replicas may share a directory
+    # across an upgrade): flat, merging's info plus the server's fields.
+    stored = {
+        "method": "svd", "rank": 8, "options": {"density": 0.5, "majority_sign_method": "total"},
+        "weights": [0.7], "module_weights": 0, "num_modules": 4, "exact": False, "relative_error": 0.0,
+        "seconds": 0.01, "compression_error": 0.25, "compressed": False, "model": "math*0.7@ties",
+        "spec": "{}", "merge_seconds": 0.2, "num_bytes": 1024,
+        "sources": [{"skill": "math", "weight": 0.7, "digest": "d" * 64, "rank": 8}],
+        "key": key_of("a"), "created": 1.5,
+    }
+    info = CompositionInfo.from_json(stored, key_of("a"))
+    assert (info.method, info.rank, info.num_module_weights, info.sources[0].skill) == ("svd", 8, 0, "math")
+    assert info.to_json() == stored
