@@ -188,7 +188,7 @@ class LocalEngine(Engine):
         self._require_started()
         self._check_request(request_id, prompt_token_ids, sampling)
         if adapter is not None:  # registered or not, it is loaded into a slot by the worker
-            check_rank(adapter.name, adapter.rank, self._max_lora_rank)
+            check_rank(adapter.name, adapter.rank, self.settings.max_lora_rank)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seq = Sequence(
