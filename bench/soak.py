@@ -88,8 +88,12 @@ def start_server(args, work: Path) -> Server:
 
     demo = ensure_demo(args.demo_dir or work / "demo", world="tiny")
     port = free_port()
+    launcher = [sys.executable, "-m", "server.cli"]
+    if args.heap_trace_every:
+        launcher = [sys.executable, "-m", "bench.heap_trace", "--every", str(args.heap_trace_every),
+                    "--ready-url", f"http://127.0.0.1:{port}/health", "--warmup", "30", "--out", str(work), "--"]
     cmd = [
-        sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--engine", args.engine,
+        *launcher, "serve", "--port", str(port), "--engine", args.engine,
         "--base-model", str(demo.base_dir), "--skills-dir", str(demo.skills_dir), "--served-model-name", "tiny",
         "--cache-dir", str(work / "cache"), "--memory-cache-bytes", str(args.memory_cache_bytes),
         "--disk-cache-bytes", str(args.disk_cache_bytes), "--disk-cache-grace-seconds", str(args.disk_grace), "--max-request-bytes", str(args.max_request_bytes),
@@ -164,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--disk-grace", type=float, default=5,
                         help="server's --disk-cache-grace-seconds (short, so disk eviction runs)")
     parser.add_argument("--max-request-bytes", type=int, default=64 * 1024, help="server's body limit")
+    parser.add_argument("--heap-trace-every", type=float, default=0,
+                        help="run the server under tracemalloc (bench/heap_trace.py), a snapshot every this many "
+                             "seconds, written to the work dir's heap_trace.json (0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-dir", type=Path, default=None, help="tiny demo world (default: built in the work dir)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary directory")
