@@ -89,6 +89,13 @@ def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:
     return statistics.linear_regression(times, values).slope * 60
 
 
+def per_1000_requests_kib(slope_mib_per_min: float, num_requests: int, wall_s: float) -> float:
+    """An RSS slope as KiB per 1,000 requests at the run's mean request rate: a leak per request
+    shows the same number on a loaded and an idle machine, a slope per minute does not."""
+    requests_per_min = num_requests / wall_s * 60
+    return slope_mib_per_min * 1024 / requests_per_min * 1000 if requests_per_min else 0.0
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -143,6 +150,7 @@ def summarize(args, tally: Tally, sampler: RssSampler, wall_s: float) -> dict:
         "rss_slope_after_warmup_mib_per_min": round(slope, 2),
         "rss_slope_second_half_mib_per_min": round(slope_mib_per_min(second_half), 2),
         "rss_growth_after_warmup_mib": round(warm[-1][1] - warm[0][1], 1),
+        "rss_slope_per_1000_requests_kib": round(per_1000_requests_kib(slope, sum(tally.requests.values()), wall_s), 1),
         "load_average_1min": {"min": round(min(sampler.loads), 1), "median": round(statistics.median(sampler.loads), 1),
                               "max": round(max(sampler.loads), 1)},
         "rss_samples": [(round(t, 1), round(v, 1)) for t, v in samples],
@@ -170,6 +178,7 @@ def table(result: dict) -> str:
          f"{result['rss_slope_after_warmup_mib_per_min']} MiB/min"),
         ("RSS slope over the second half", f"{result['rss_slope_second_half_mib_per_min']} MiB/min"),
         ("RSS growth after warm-up", f"{result['rss_growth_after_warmup_mib']} MiB"),
+        ("RSS slope per 1,000 requests", f"{result['rss_slope_per_1000_requests_kib']} KiB"),
         ("load average (1 min) min / median / max", "{min} / {median} / {max}".format(**result["load_average_1min"])),
         ("target met (0 errors, RSS flat)", "yes" if result["target_met"] else "NO"),
     ]
