@@ -11,7 +11,7 @@ import tracemalloc
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.engines.local import LocalEngine
+from server.engines.local import LocalEngine, LocalSettings
 from server.settings import Settings
 
 BASE = "tiny"
@@ -38,7 +38,7 @@ def request(client: TestClient, model: str, hang_up: bool) -> None:
 def test_new_compositions_and_hang_ups_leave_bounded_state(tiny_base, skills_dir, tmp_path):
     settings = Settings(base_model=tiny_base, skills_dir=skills_dir, served_model_name=BASE, cache_dir=tmp_path,
                         memory_cache_bytes=1, disk_cache_bytes=1, disk_cache_grace_seconds=0.5)
-    engine = LocalEngine(tiny_base, max_lora_rank=16, max_loras=MAX_LORAS)
+    engine = LocalEngine(tiny_base, LocalSettings(max_lora_rank=16, max_loras=MAX_LORAS))
     with TestClient(create_app(settings, engine=engine)) as client:
         state = client.app.state.loramix
         for i in range(4):  # first use of every code path: imports, lazy tables
