@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,11 @@ from merging.errors import AdapterError
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>A|B)(?:\.[^.]+)?\.weight")
+# safetensors 0.8's default "mmap" backend keeps about 7 KiB of native memory and two Python
+# objects per tensor it loads, for ever (a 28-tensor adapter: +7.4 KiB RSS per load; a server
+# loading adapters all day grew by ~1 MiB/min, bench/RESULTS.md "Soak"). Its "pread" backend
+# reads the same bytes into tensors that own their memory and keeps nothing.
+_LOAD_OPTIONS = {"backend": "pread"} if "backend" in inspect.signature(load_file).parameters else {}
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA (use_dora)",
     "fan_in_fan_out": "fan_in_fan_out layers (Conv1D)",
@@ -230,7 +236,7 @@ def load_adapter(path: str | Path, *, name: str | None = None) -> LoraAdapter:
         raise AdapterError(f"adapter {label!r} needs {CONFIG_NAME} and {WEIGHTS_NAME}", param=label)
     try:
         config = json.loads(config_file.read_text())
-        tensors = load_file(weights_file)
+        tensors = load_file(weights_file, **_LOAD_OPTIONS)
     except Exception as exc:  # noqa: BLE001 - any decode failure of an untrusted file is the same error
         raise AdapterError(f"adapter {label!r} cannot be read: {type(exc).__name__}", param=label) from None
     if not isinstance(config, dict):
