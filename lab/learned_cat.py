@@ -69,14 +69,23 @@ class _WeightedCat(nn.Module):
         return self.base(x) + ((x @ self.lora_a.T) * column_weights) @ self.lora_b.T
 
 
-def _encode(tokenizer, examples: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + completion + eos, number of prompt tokens) per example."""
+def _encode(tokenizer, examples: Sequence[tuple[str, str]], chat: bool = False) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + completion + eos, number of prompt tokens) per example. With
+    `chat`, the prompt is one user message rendered by the tokenizer's chat template (as the
+    server renders a chat request) and the completion is the assistant's turn."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InvalidMergeOptions("the tokenizer has no end-of-sequence token", param="data")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise InvalidMergeOptions("the base model's tokenizer has no chat template", param="chat")
     encoded = []
     for prompt, completion in examples:
-        prompt_ids = tokenizer(prompt).input_ids
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            prompt_ids = tokenizer(prompt).input_ids
         completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [eos]
         encoded.append((prompt_ids + completion_ids, len(prompt_ids)))
     return encoded
@@ -205,6 +214,7 @@ def tune_cat(
     seed: int = 0,
     holdout: float = 0.1,
     init_weights: Sequence[float] | None = None,
+    chat: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> TuneResult:
     """Learn CAT's per-module adapter weights on (prompt, completion) pairs; see the module doc.
@@ -212,12 +222,12 @@ def tune_cat(
     `model` is a transformers causal LM whose module names match the adapters' (it is
     modified during training and restored before returning). A `holdout` fraction of the
     examples (at least one) measures the completion loss before and after. Deterministic for
-    a given seed on a given device.
+    a given seed on a given device. `chat`: prompts are user messages of a chat model (_encode).
     """
     _check_args(adapters, examples, steps, lr, batch_size)
     started = time.perf_counter()
     rng = random.Random(seed)
-    encoded = _encode(tokenizer, examples)
+    encoded = _encode(tokenizer, examples, chat)
     rng.shuffle(encoded)
     held = max(1, int(len(encoded) * holdout))
     held_out, train = encoded[:held], encoded[held:]
@@ -237,6 +247,7 @@ def tune_cat(
         "lr": lr,
         "batch_size": batch_size,
         "seed": seed,
+        "chat": chat,
         "train_examples": len(train),
         "heldout_examples": len(held_out),
         "heldout_loss_before": before,

@@ -79,6 +79,8 @@ def tune_cat(
     lr: float = typer.Option(0.05, help="Adam learning rate of the weight logits."),
     batch_size: int = typer.Option(32, help="Examples per step."),
     seed: int = typer.Option(0, help="Seed (batches and held-out split)."),
+    chat: bool = typer.Option(False, help="Render each prompt as a user message by the chat template, as the server "
+                              "renders a chat request (for compositions used through /v1/chat/completions)."),
     base_model: Optional[Path] = typer.Option(None, help="Base model directory (default: the demo model)."),
     skills_dir: Optional[Path] = typer.Option(None, "--skills-dir", "--skills", help="Skills directory (default: the demo skills)."),
     cache_dir: Optional[Path] = typer.Option(None, help="The server's cache directory, where named compositions live."),
@@ -103,7 +105,7 @@ def tune_cat(
     try:
         result, spec = tune_and_save(
             settings, skills, data, name, device=device, progress=progress,
-            steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+            steps=steps, lr=lr, batch_size=batch_size, seed=seed, chat=chat,
         )
     except (merging.MergeError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -42,6 +42,7 @@ from lab.real.checks import int_to_words
 SKILLS = ("arithmetic", "words", "capital", "json", "upper")
 COMPOSITES = ("arithmetic_words", "arithmetic_json", "capital_json", "capital_upper")
 TASKS = SKILLS + COMPOSITES
+MIXED = "mixed"  # the data-mixing baseline: one LoRA trained on every skill's data at once
 # The skills each composite needs (for reports; the checkers are in checks.py).
 COMPOSITE_SKILLS = {
     "arithmetic_words": ("arithmetic", "words"),
@@ -275,8 +276,18 @@ def _held_out_keys(task: str) -> set[str]:
 
 
 def train_examples(task: str, count: int, seed: int = 0) -> list[Example]:
+    """`count` training examples of a skill, or of every skill interleaved for MIXED."""
+    if task == MIXED:
+        return mixed_examples(SKILLS, count, seed)
     stream = train_stream(task, seed)
     return [next(stream) for _ in range(count)]
+
+
+def mixed_examples(skills, count: int, seed: int = 0) -> list[Example]:
+    """`count` training examples of `skills` in turn (a, b, c, a, b, c, ...): every batch holds
+    each skill's examples in equal share, and the examples of each skill are its own stream's."""
+    streams = [train_stream(skill, seed) for skill in skills]
+    return [next(streams[i % len(streams)]) for i in range(count)]
 
 
 def main(argv=None) -> None:

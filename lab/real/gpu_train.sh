@@ -3,6 +3,9 @@
 # were staged (they convert SmolLM2-135M-Instruct to /tmp/models). One step per device run:
 #   bash lab/real/gpu_train.sh train   # train all five skills; bf16 adapters, one tar each, to $OUT
 #   bash lab/real/gpu_train.sh eval    # accuracy (n per task) of the base, each skill, cat merges
+#   bash lab/real/gpu_train.sh quality --skills DIR [--base DIR] [--device cuda] [-- bench.real_quality flags]
+#       the whole merge-quality table (bench/real_quality.py) in one call; writes to $OUT:
+#       quality.json, quality.md, quality.log, mixed.tar (the mixed-data LoRA, bf16)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site-real:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -10,10 +13,11 @@ OUTDIR=${OUT:-/tmp/real-out}; mkdir -p "$OUTDIR"
 BASE=/tmp/models/SmolLM2-135M-Instruct
 SKILLS=/tmp/real-skills
 N=${N:-200}
-case "${1:?train or eval}" in
+PY=${PYTHON:-python3}
+case "${1:?train, eval or quality}" in
   train)
-    python3 -m lab.real.train --device cuda --base "$BASE" --out "$SKILLS" --skill all 2>&1 | grep -v Warning | tail -40
-    python3 - "$SKILLS" <<'PY'
+    "$PY" -m lab.real.train --device cuda --base "$BASE" --out "$SKILLS" --skill all 2>&1 | grep -v Warning | tail -40
+    "$PY" - "$SKILLS" <<'PY'
 import sys, pathlib, torch
 from safetensors.torch import load_file, save_file
 for f in pathlib.Path(sys.argv[1]).glob("*/adapter_model.safetensors"):
@@ -24,17 +28,47 @@ PY
     ;;
   eval)
     EV=/tmp/real-eval; mkdir -p $EV
-    python3 -m lab.real.evaluate --device cuda --base "$BASE" --size "$N" --out "$EV/base.json" 2>&1 | tail -12
+    "$PY" -m lab.real.evaluate --device cuda --base "$BASE" --size "$N" --out "$EV/base.json" 2>&1 | tail -12
     for s in arithmetic words capital json upper; do
-      python3 -m lab.real.evaluate --device cuda --base "$BASE" --adapter "$SKILLS/$s" --size "$N" \
+      "$PY" -m lab.real.evaluate --device cuda --base "$BASE" --adapter "$SKILLS/$s" --size "$N" \
         --out "$EV/$s.json" 2>&1 | tail -10
     done
     for pair in arithmetic,words arithmetic,json capital,json capital,upper; do
       a=${pair%,*}; b=${pair#*,}
-      python3 -m server.cli merge "$SKILLS/$a" "$SKILLS/$b" -o "/tmp/merged_${a}_$b" --method cat --quiet
-      python3 -m lab.real.evaluate --device cuda --base "$BASE" --adapter "/tmp/merged_${a}_$b" --size "$N" \
+      "$PY" -m server.cli merge "$SKILLS/$a" "$SKILLS/$b" -o "/tmp/merged_${a}_$b" --method cat --quiet
+      "$PY" -m lab.real.evaluate --device cuda --base "$BASE" --adapter "/tmp/merged_${a}_$b" --size "$N" \
         --out "$EV/cat_${a}_$b.json" 2>&1 | tail -10
     done
-    python3 -c "import json,sys,pathlib; print(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path('$EV').glob('*.json'))}))" > "$OUTDIR/eval.json"
+    "$PY" -c "import json,sys,pathlib; print(json.dumps({p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path('$EV').glob('*.json'))}))" > "$OUTDIR/eval.json"
+    ;;
+  quality)
+    shift; DEVICE=cuda; QSKILLS=""; EXTRA=()
+    while (($#)); do
+      case "$1" in
+        --skills) QSKILLS=$2; shift 2 ;;
+        --base) BASE=$2; shift 2 ;;
+        --device) DEVICE=$2; shift 2 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+      esac
+    done
+    [[ -d "$QSKILLS" ]] || { echo "--skills DIR: a directory with one adapter per skill is required" >&2; exit 2; }
+    [[ -d "$BASE" ]] || { echo "no base model at $BASE (stage it first: docs/real_model.md)" >&2; exit 2; }
+    MIXED=$(mktemp -d)/mixed
+    "$PY" -m bench.real_quality --base "$BASE" --skills "$QSKILLS" --device "$DEVICE" --size "$N" \
+      --out "$OUTDIR/quality.json" --save-mixed "$MIXED" "${EXTRA[@]}" \
+      > "$OUTDIR/quality.md" 2> >(grep -v Warning | tee "$OUTDIR/quality.log" >&2)
+    rc=$?
+    if [[ -d "$MIXED" ]]; then
+      "$PY" - "$MIXED/adapter_model.safetensors" <<'PY'
+import sys, torch
+from safetensors.torch import load_file, save_file
+f = sys.argv[1]
+save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(f).items()}, f)
+PY
+      tar -cf "$OUTDIR/mixed.tar" -C "$(dirname "$MIXED")" mixed
+    fi
+    cat "$OUTDIR/quality.md"; ls -la "$OUTDIR"
+    exit $rc
     ;;
 esac

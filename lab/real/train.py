@@ -6,6 +6,7 @@ On CUDA the forward and backward passes run in bf16 autocast (weights and optimi
 
     python -m lab.real.train --device cuda --out lab/real/assets/skills            # every skill
     python -m lab.real.train --device cuda --out DIR --skill words --steps 400
+    python -m lab.real.train --device cuda --out DIR --skill mixed --batch-size 160   # data-mixing baseline
     python -m lab.real.train --base DIR --out /tmp/s --skill upper --steps 3 --batch-size 2  # CPU smoke
 
 Needs only torch, transformers and peft (and lab/), so it runs on a bare GPU machine. Writes
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lab.real.data import SKILLS, Example, train_examples
+from lab.real.data import MIXED, SKILLS, Example, train_examples
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100  # label of tokens that carry no loss
@@ -156,7 +157,10 @@ def train_and_save(base_dir: Path, out_dir: Path, skill: str, config: TrainConfi
     model = with_new_lora(model, config)
     report = {"skill": skill, "base_model": base_dir.name, "device": device, "config": asdict(config)}
     report["training"] = train_skill(model, tokenizer, skill, config, log)
-    if config.eval_size:
+    if config.eval_size and skill == MIXED:
+        report["eval"] = evaluate_tasks(model, tokenizer, SKILLS, size=config.eval_size)
+        log(f"{skill}: accuracy " + ", ".join(f"{t} {r['accuracy']:.3f}" for t, r in report["eval"].items()))
+    elif config.eval_size:
         report["eval"] = evaluate_tasks(model, tokenizer, [skill], size=config.eval_size)[skill]
         log(f"{skill}: accuracy {report['eval']['accuracy']:.3f} on {report['eval']['n']} held-out examples")
     target = out_dir / skill
@@ -170,7 +174,9 @@ def main(argv=None) -> None:
     parser.add_argument("--base", type=Path, default=None,
                         help="base model directory (default: SmolLM2-135M-Instruct converted into the cache)")
     parser.add_argument("--out", type=Path, required=True, help="skills directory to write <skill>/ into")
-    parser.add_argument("--skill", choices=(*SKILLS, "all"), default="all")
+    parser.add_argument("--skill", choices=(*SKILLS, MIXED, "all"), default="all",
+                        help=f"one skill, every skill, or {MIXED}: one LoRA on all skills' data in equal shares "
+                        "(the data-mixing baseline; give it the skills' total budget, e.g. --batch-size 160)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for field in fields(TrainConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
@@ -184,9 +190,11 @@ def main(argv=None) -> None:
     summary = {}
     for skill in skills:
         report = train_and_save(args.base, args.out, skill, config, args.device)
+        accuracy = report.get("eval", {}).get("accuracy")
+        if skill == MIXED and "eval" in report:
+            accuracy = {task: r["accuracy"] for task, r in report["eval"].items()}
         summary[skill] = {"final_loss": report["training"]["final_loss"],
-                          "seconds": report["training"]["seconds"],
-                          "accuracy": report.get("eval", {}).get("accuracy")}
+                          "seconds": report["training"]["seconds"], "accuracy": accuracy}
     print(json.dumps(summary, indent=2))
 
 
