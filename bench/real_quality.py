@@ -184,6 +184,11 @@ def score(model, tokenizer, tasks: tuple[str, ...], size: int, batch_size: int,
     return results
 
 
+def selected(row: Row, only: list[str] | None) -> bool:
+    """Whether `row` is in a run limited to the rows whose "merge | method" has one of `only`."""
+    return not only or any(text in f"{row.merge} | {row.method}" for text in only)
+
+
 def run(args, log=print) -> dict:
     """Every row of the plan (or those matching args.only); the saved run as a dict."""
     from lab.real.train import load_base
@@ -195,7 +200,7 @@ def run(args, log=print) -> dict:
     ranks = {a.max_rank for a in skills.values()}
     if len(ranks) != 1:
         raise ValueError(f"the skills have different ranks {sorted(ranks)}; the LEGO k rows assume one rank")
-    rows = [r for r in plan(ranks.pop()) if r.source == "base" or not args.only or args.only in f"{r.merge} | {r.method}"]
+    rows = [r for r in plan(ranks.pop()) if r.source == "base" or selected(r, args.only)]
     seconds["load"] = time.perf_counter() - started
     spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, \
@@ -311,7 +316,8 @@ def main(argv=None) -> None:
     parser.add_argument("--merge-workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                         help="processes merging on CPU while the GPU works")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--only", default=None, help="only rows whose 'merge | method' has this text (and the base)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="only rows whose 'merge | method' has one of these texts (and the base)")
     args = parser.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
