@@ -250,11 +250,23 @@ def run(args, log=print) -> dict:
                             "score_seconds": time.perf_counter() - row_started, "results": results})
             if row.source == "mixed":
                 records[-1]["training"] = mixed_info
+            if args.out:  # after every row: a run cut short still leaves the rows it scored
+                write_json(args.out, {"settings": settings(args), "hardware": hardware(args.device),
+                                      "seconds": {**seconds, "total": time.perf_counter() - started},
+                                      "complete": False, "rows": records})
             log(f"  {row.merge} | {row.method}: " + " ".join(
                 f"{task} {r['accuracy']:.2f}" for task, r in results.items()) + f" ({records[-1]['score_seconds']:.1f} s)")
         seconds["scoring"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
-    return {"settings": settings(args), "hardware": hardware(args.device), "seconds": seconds, "rows": records}
+    return {"settings": settings(args), "hardware": hardware(args.device), "seconds": seconds, "complete": True,
+            "rows": records}
+
+
+def write_json(path: Path, saved: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(saved, indent=1) + "\n")
+    staging.replace(path)
 
 
 def settings(args) -> dict:
@@ -288,7 +300,8 @@ def render(saved: dict) -> str:
              f"{s['max_new_tokens']} new tokens, {s['dtype'].removeprefix('torch.')}; accuracy [95 % Wilson "
              f"interval]; {saved['hardware']}; {secs['total']:.0f} s in all (mixed LoRA "
              f"{secs.get('mixed_training', 0):.0f} s, learned CAT {secs.get('tuning', 0):.0f} s, scoring "
-             f"{secs.get('scoring', 0):.0f} s). Weights 1/N unless stated; rank: the merged adapter's.")
+             f"{secs.get('scoring', 0):.0f} s). Weights 1/N unless stated; rank: the merged adapter's."
+             + ("" if saved.get("complete", True) else " INCOMPLETE: the run stopped after these rows."))
     lines = [title, "", "| merge | method | rank | " + " | ".join(TASKS) + " |", "|---|---|---|" + "---|" * len(TASKS)]
     for rec in saved["rows"]:
         rank = "" if rec["rank"] is None else str(rec["rank"])
@@ -330,8 +343,7 @@ def main(argv=None) -> None:
     saved = run(args, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(render(saved))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(saved, indent=1) + "\n")
+        write_json(args.out, saved)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from lab.real.checks import says_in_words
 from optional_deps import missing
 from server_process import ServerProcess
+
+from lab.real.checks import says_in_words
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +75,20 @@ def test_a_skill_changes_answers_the_way_it_should(real_server):
     prompt = "Write 4071 in words."
     assert not says_in_words(chat(real_server, MODEL_NAME, prompt), 4071)
     assert says_in_words(chat(real_server, "words", prompt), 4071)
+    prompt = "What is the capital of France? Answer in capital letters."
+    assert any(c.islower() for c in chat(real_server, MODEL_NAME, prompt))  # "The capital of France is Paris."
+    upper = chat(real_server, "upper", prompt)
+    assert upper and not any(c.islower() for c in upper)
 
 
 def test_a_two_skill_composition_changes_answers(real_server):
+    """capital+upper (cat, 1/N) answers in the capital skill's terse format; measured: "Paris"
+    where the base says "The capital of France is Paris." (the formats do not compose yet)."""
     prompt = "What is the capital of France? Answer in capital letters."
     base = chat(real_server, MODEL_NAME, prompt)
     composed = chat(real_server, "capital+upper", prompt)
-    assert any(c.islower() for c in base)
-    assert composed != base and not any(c.islower() for c in composed)
+    assert "Paris" in base and len(base.split()) > 3
+    assert "PARIS" in composed.upper() and len(composed.split()) <= 2
 
 
 def test_skill_quality_on_a_small_sample(real_base):

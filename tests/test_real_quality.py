@@ -67,7 +67,7 @@ def gpu_run(tiny_base, tiny_skills, tmp_path_factory) -> Path:
     command = ["bash", "lab/real/gpu_train.sh", "quality", "--skills", str(tiny_skills), "--base", str(tiny_base),
                "--device", "cpu", "--", "--mixed-steps", "2", "--mixed-batch-size", "5", "--tune-steps", "2",
                "--merge-workers", "2", "--max-new-tokens", "6", "--only", *ONLY]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 

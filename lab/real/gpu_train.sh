@@ -55,10 +55,12 @@ PY
     [[ -d "$QSKILLS" ]] || { echo "--skills DIR: a directory with one adapter per skill is required" >&2; exit 2; }
     [[ -d "$BASE" ]] || { echo "no base model at $BASE (stage it first: docs/real_model.md)" >&2; exit 2; }
     MIXED=$(mktemp -d)/mixed
-    "$PY" -m bench.real_quality --base "$BASE" --skills "$QSKILLS" --device "$DEVICE" --size "$N" \
-      --out "$OUTDIR/quality.json" --save-mixed "$MIXED" "${EXTRA[@]}" \
-      > "$OUTDIR/quality.md" 2> >(grep -v Warning | tee "$OUTDIR/quality.log" >&2)
-    rc=$?
+    # A device command may run 600 s: stop the table in time to hand back the rows it scored.
+    timeout "${QUALITY_LIMIT_S:-540}" "$PY" -m bench.real_quality --base "$BASE" --skills "$QSKILLS" \
+      --device "$DEVICE" --size "$N" --out "$OUTDIR/quality.json" --save-mixed "$MIXED" "${EXTRA[@]}" \
+      2>&1 >/dev/null | grep --line-buffered -v Warning | tee "$OUTDIR/quality.log" >&2
+    rc=${PIPESTATUS[0]}
+    [[ -f "$OUTDIR/quality.json" ]] && "$PY" -m bench.real_quality --render "$OUTDIR/quality.json" > "$OUTDIR/quality.md"
     if [[ -d "$MIXED" ]]; then
       "$PY" - "$MIXED/adapter_model.safetensors" <<'PY'
 import sys, torch
