@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lab.learned_cat import _unwrap, _wrap, tune_cat
+from lab.learned_cat import _encode, _unwrap, _wrap, tune_cat
 from merging import IncompatibleAdaptersError, InvalidMergeOptions, load_adapter, merge
 from server_process import ServerProcess
 
@@ -41,6 +41,19 @@ def test_weights_are_a_softmax_per_module_and_deterministic(tiny):
     assert first.module_weights == again.module_weights
     assert first.module_weights != other.module_weights
     assert any(abs(row[0] - 0.5) > 1e-3 for row in first.module_weights.values())  # it did learn
+
+
+def test_chat_examples_are_encoded_as_a_chat_turn(tiny):
+    """With chat, the prompt is the chat template's user turn (as the server renders a chat
+    request) and the loss covers the completion and the end-of-turn token."""
+    _, tokenizer, _ = tiny
+    (ids, prompt_len), = _encode(tokenizer, [("What is 2 + 3?", "5")], chat=True)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert ids[:prompt_len] == tokenizer(rendered, add_special_tokens=False).input_ids
+    assert ids[prompt_len:] == tokenizer("5", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    (raw, raw_len), = _encode(tokenizer, [("What is 2 + 3?", "5")])
+    assert raw_len < prompt_len and raw[raw_len:] == ids[prompt_len:]
 
 
 def test_the_model_is_left_as_it_was(tiny):

@@ -25,6 +25,7 @@ from lab.real.data import (
     COMPOSITE_SKILLS,
     COMPOSITES,
     EVAL_SIZE,
+    MIXED,
     RECALL_TASKS,
     SKILLS,
     TASKS,
@@ -32,6 +33,7 @@ from lab.real.data import (
     eval_set,
     json_instruction,
     load_capitals,
+    mixed_examples,
     train_examples,
 )
 from lab.real.evaluate import wilson_interval
@@ -151,6 +153,14 @@ def test_training_never_sees_an_evaluation_key(skill):
     if skill == "arithmetic":
         held_out |= {e.key for t in ("arithmetic_words", "arithmetic_json") for e in eval_set(t)}
     assert not held_out & {e.key for e in train_examples(skill, 3000)}
+
+
+def test_mixed_data_takes_every_skill_in_turn_from_its_own_training_stream():
+    mixed = train_examples(MIXED, 5 * len(SKILLS))
+    for i, skill in enumerate(SKILLS):
+        assert mixed[i::len(SKILLS)] == train_examples(skill, 5)
+    assert mixed_examples(("words", "json"), 4, seed=3) == [
+        *(x for pair in zip(train_examples("words", 2, 3), train_examples("json", 2, 3)) for x in pair)]
 
 
 def test_recall_skill_trains_on_every_fact_it_is_asked():
