@@ -34,7 +34,9 @@ SKILLS_DIR = Path(__file__).resolve().parent.parent / "lab" / "real" / "assets" 
 SAMPLE = 16  # examples per task of the quality check
 # The skills' held-out accuracy (n = 200, H200, bf16): words 0.985, json 1.00, upper 0.995.
 SKILL_FLOOR = 0.75  # at least 12 of 16
-BASE_CEILING = 0.25  # the base model: at most 4 of 16
+# The base model: at most 6 of 16. Measured (fp32, CPU, 16 each): words 0, json 4, upper 0; its
+# JSON is sometimes bare and right, so its ceiling leaves room for sampling error.
+BASE_CEILING = 0.375
 
 
 @pytest.fixture(scope="session")
