@@ -8,6 +8,10 @@ Public API (shapes: T tokens, K hidden_in, N hidden_out, S slots, R rank):
     build_meta(slot_ids, num_slots) -> LoraBatchMeta   (once per batch, reused by every layer)
     add_lora_planned(y, x, lora_a, lora_b, meta) -> y   (engine hot path, Triton only: checks
         and launch plan once per meta and call signature, cached in meta.plans)
+    add_lora_slices_planned(y, x, lora_a_slices, lora_b_slices, meta, scaling=1.0) -> y
+        (the same for fused q/k/v and gate/up slices)
+    StepMeta(max_num_tokens, num_slots, device)   (kernels.step: per-step metadata at fixed
+        addresses, prefix metas per padded batch size, for CUDA-graph engines)
 
 Backend: Triton when the tensors are on CUDA and triton imports, else the torch reference.
 LORAMIX_KERNELS=triton|torch|auto (default auto) or the `backend=` argument overrides this;
@@ -24,7 +28,8 @@ import torch
 from kernels import reference
 from kernels.meta import LoraBatchMeta, build_meta
 
-__all__ = ["add_lora", "add_lora_planned", "add_lora_slices", "lora_shrink", "lora_expand",
+__all__ = ["add_lora", "add_lora_planned", "add_lora_slices", "add_lora_slices_planned",
+           "lora_shrink", "lora_expand",
            "build_meta", "LoraBatchMeta", "backend_for", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -73,6 +78,15 @@ def add_lora_planned(y, x, lora_a, lora_b, meta: LoraBatchMeta, *, fused=None):
     checks and launch configs done once per meta and call signature (triton_ops)."""
     # y: [T, N], x: [T, K], lora_a: [S, R, K] contiguous, lora_b: [S, N, R] contiguous
     return _triton_ops().add_lora_planned(y, x, lora_a, lora_b, meta, fused=fused)
+
+
+def add_lora_slices_planned(y, x, lora_a_slices, lora_b_slices, meta: LoraBatchMeta,
+                            scaling=1.0, *, fused=None):
+    """add_lora_slices(..., meta.slot_ids, scaling, meta=meta) on the Triton backend, planned
+    once per meta and call signature like add_lora_planned."""
+    # y: [T, sum N_i], x: [T, K], lora_a_slices[i]: [S, R, K], lora_b_slices[i]: [S, N_i, R]
+    return _triton_ops().add_lora_slices_planned(y, x, lora_a_slices, lora_b_slices, meta,
+                                                 scaling, fused=fused)
 
 
 @functools.cache

@@ -174,3 +174,40 @@ def _refill(out: LoraBatchMeta, fresh: LoraBatchMeta) -> None:
             out.records[block_m].copy_(src)
         else:
             out.records[block_m] = src
+
+
+@dataclass
+class LoraBatchMetaPrefix(LoraBatchMeta):
+    """The first num_tokens tokens of a larger meta whose other tokens all have slot -1.
+
+    Its tensors are views of the parent's (same addresses), so refilling the parent in place
+    (build_meta(..., out=parent)) refills every prefix: an engine keeps one parent sized for
+    its largest batch and hands each forward pass the prefix of the batch's padded size.
+    The parent's tiles are listed slot by slot with unused entries last, so the first
+    max_tiles(num_tokens, ...) of them cover every token of the prefix.
+    """
+
+    parent: LoraBatchMeta | None = None
+
+    def tile_map(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if block_m not in self.tiles:
+            tile_slot, tile_start = self.parent.tile_map(block_m)
+            n = max_tiles(self.num_tokens, self.num_slots, block_m)
+            self.tiles[block_m] = (tile_slot[:n], tile_start[:n])
+        return self.tiles[block_m]
+
+    def tile_records(self, block_m: int) -> torch.Tensor:
+        if block_m not in self.records:
+            n = max_tiles(self.num_tokens, self.num_slots, block_m)
+            self.records[block_m] = self.parent.tile_records(block_m)[:n]
+        return self.records[block_m]
+
+
+def prefix_meta(meta: LoraBatchMeta, num_tokens: int) -> LoraBatchMetaPrefix:
+    """The meta of meta's first num_tokens tokens; valid while meta.slot_ids[num_tokens:] are
+    all -1 (the caller's contract: no device check, so no host sync)."""
+    if not 0 <= num_tokens <= meta.num_tokens:
+        raise ValueError(f"prefix of {num_tokens} tokens of a meta of {meta.num_tokens}")
+    return LoraBatchMetaPrefix(num_tokens, meta.num_slots, meta.slot_ids[:num_tokens],
+                               meta.sorted_tokens[:num_tokens], meta.slot_start, meta.slot_len,
+                               meta.slot_end, meta.counters, parent=meta)

@@ -311,6 +311,46 @@ def _checked_plan(y, x, lora_a, lora_b, meta: LoraBatchMeta, fused=None) -> Lora
     return plan
 
 
+def add_lora_slices_planned(y, x, lora_a_slices, lora_b_slices, meta: LoraBatchMeta,
+                            scaling: float = 1.0, *, fused=None) -> torch.Tensor:
+    """add_lora_slices(y, x, lora_a_slices, lora_b_slices, meta.slot_ids, scaling, meta=meta)
+    with add_lora_planned's caching: the first call of each signature on this meta is checked
+    and planned, later calls only launch. The fused q/k/v and gate/up projections of an
+    engine that owns the metadata (a vLLM punica wrapper). Slices must be contiguous."""
+    # y: [T, sum N_i], x: [T, K], lora_a_slices[i]: [S, R, K], lora_b_slices[i]: [S, N_i, R]
+    try:
+        key = (x.shape, x.stride(), y.shape, y.stride(), x.dtype, y.dtype, x.device, fused,
+               isinstance(scaling, torch.Tensor),
+               *((a.shape, a.stride(), a.dtype) for a in lora_a_slices),
+               *((b.shape, b.stride(), b.dtype) for b in lora_b_slices))
+        plan = meta.plans.get(key)
+    except (AttributeError, TypeError):  # not tensors or not a meta: the checks say what
+        key = plan = None
+    if plan is None:
+        plan = _checked_slices_plan(y, x, list(lora_a_slices), list(lora_b_slices), meta,
+                                    scaling, fused)
+        if key is not None:
+            meta.plans[key] = plan
+    plan.run(y, x, list(lora_a_slices), list(lora_b_slices), scaling)
+    return y
+
+
+def _checked_slices_plan(y, x, lora_as, lora_bs, meta, scaling, fused) -> LoraPlan:
+    if not isinstance(meta, LoraBatchMeta):
+        raise TypeError(f"meta must be a LoraBatchMeta from build_meta, got {type(meta)}")
+    checks_slices(y, lora_as, lora_bs)
+    num_slots = _check_pieces(y, x, lora_as, lora_bs, meta.slot_ids, scaling)
+    _meta(meta, meta.slot_ids, x.shape[0], num_slots, x.device)
+    if not all(t.is_contiguous() for t in [*lora_as, *lora_bs]):
+        raise ValueError("add_lora_slices_planned needs contiguous lora_a and lora_b slices")
+    x_rm, y_rm = _row_major(x, "x"), _row_major(y, "y")
+    if x.shape[0] == 0:
+        return LoraPlan([])
+    plan = _plan(y_rm, x_rm, lora_as, lora_bs, scaling, meta, fused)
+    plan.copy_x = x_rm is not x
+    return plan
+
+
 def lora_shrink(x, lora_a, slot_ids, scaling=1.0, *, meta=None):
     # x: [T, K], lora_a: [S, R, K] -> buf: [T, R] float32 (0 for rows with slot -1)
     checks.check_matrix("x", x)

