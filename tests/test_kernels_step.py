@@ -1,0 +1,92 @@
+"""The per-step metadata of engines that capture CUDA graphs (kernels.step.StepMeta, prefix
+metas) and the planned slices entry point (add_lora_slices_planned), on the Triton kernels
+against their torch twin; under TRITON_INTERPRET=1 without CUDA."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.step import StepMeta  # noqa: E402
+from tests.optional_deps import require_module  # noqa: E402
+from tests.test_kernels import DEVICE, _check, _make  # noqa: E402
+
+pytestmark = pytest.mark.triton
+MAX_TOKENS, NUM_SLOTS = 48, 5
+
+
+@pytest.fixture(autouse=True)
+def _need_triton():
+    require_module("triton")
+
+
+@pytest.mark.parametrize("fused", [True, False, None], ids=["fused", "unfused", "host_rule"])
+@pytest.mark.parametrize("widths", [(40,), (32, 16, 16), (24, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planned_slices_on_padded_prefix_match_reference(widths, dtype, fused):
+    """A step of 13 tokens in buffers for 48, called on 20 rows (7 of padding, slot -1):
+    the planned slices equal the twin on the step's slot ids, padding rows untouched."""
+    seed = hash((widths, str(dtype), fused)) % 2**31
+    y, x, lora_as, lora_bs, slot_ids, _ = _make(20, 48, list(widths), NUM_SLOTS, 8, dtype,
+                                                "mixed", seed)
+    step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
+    step.update(slot_ids[:13])
+    padded = torch.cat([slot_ids[:13], torch.full((7,), -1, device=DEVICE)])
+    y[padded < 0] = float("nan")
+    expected = reference.add_lora_slices(y.clone(), x, lora_as, lora_bs, padded, 0.5)
+    meta = step.for_tokens(20)
+    out = kernels.add_lora_slices_planned(y.clone(), x, lora_as, lora_bs, meta, 0.5, fused=fused)
+    _check(out, expected, y, padded, dtype)
+    assert len(meta.plans) == 1 and step.for_tokens(20) is meta
+
+
+def test_refill_reaches_every_prefix_and_plan():
+    """Later steps refill the same tensors: a prefix meta and its plan made in an earlier
+    step (as at CUDA-graph capture) give the new step's result, at the same addresses."""
+    step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
+    y, x, lora_as, lora_bs, slot_ids, _ = _make(24, 48, [32, 16], NUM_SLOTS, 8, torch.float32,
+                                                "mixed", 3)
+    step.update(slot_ids)
+    meta = step.for_tokens(24)
+    kernels.add_lora_slices_planned(y.clone(), x, lora_as, lora_bs, meta)
+    addresses = [meta.sorted_tokens.data_ptr(), *(t.data_ptr() for t in meta.tile_map(16))]
+    for seed, pattern in ((4, "one_slot"), (5, "sparse"), (6, "all_idle")):
+        _, _, _, _, new_ids, _ = _make(24, 48, [8], NUM_SLOTS, 8, torch.float32, pattern, seed)
+        step.update(new_ids[:17])
+        padded = torch.cat([new_ids[:17], torch.full((7,), -1, device=DEVICE)])
+        y_step = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        y_step[padded < 0] = float("nan")
+        out = kernels.add_lora_slices_planned(y_step.clone(), x, lora_as, lora_bs,
+                                              step.for_tokens(24))
+        expected = reference.add_lora_slices(y_step.clone(), x, lora_as, lora_bs, padded)
+        _check(out, expected, y_step, padded, torch.float32)
+    assert addresses == [meta.sorted_tokens.data_ptr(), *(t.data_ptr() for t in meta.tile_map(16))]
+    assert len(meta.plans) == 1
+
+
+def test_step_meta_bounds():
+    step = StepMeta(16, 2, DEVICE)
+    step.update(torch.tensor([0, 1, -1, 0], device=DEVICE))
+    assert step.for_tokens(3) is None  # fewer rows than the step's tokens
+    assert step.for_tokens(17) is None  # more rows than the buffers
+    assert step.for_tokens(4).num_tokens == 4
+    with pytest.raises(ValueError, match="step has 17 tokens, buffers hold 16"):
+        step.update(torch.zeros(17, dtype=torch.int32, device=DEVICE))
+
+
+def test_planned_slices_check_their_inputs():
+    y, x, lora_as, lora_bs, slot_ids, _ = _make(8, 48, [16, 16], NUM_SLOTS, 8, torch.float32,
+                                                "mixed", 9)
+    meta = kernels.build_meta(slot_ids, NUM_SLOTS)
+    with pytest.raises(ValueError, match="slice widths"):
+        kernels.add_lora_slices_planned(y[:, :24].contiguous(), x, lora_as, lora_bs, meta)
+    with pytest.raises(TypeError, match="meta must be a LoraBatchMeta"):
+        kernels.add_lora_slices_planned(y, x, lora_as, lora_bs, slot_ids)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.add_lora_slices_planned(y, x, [a.transpose(1, 2).contiguous().transpose(1, 2)
+                                               for a in lora_as], lora_bs, meta)
