@@ -62,6 +62,9 @@ class VllmOptions(BaseModel):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="vLLM: fraction of accelerator memory to use."
     )
+    lora_kernels: Literal["vllm", "loramix"] = Field(
+        "vllm", description="vLLM: whose batched LoRA kernels its layers run (loramix: ours, "
+        "through loramix's vLLM plugin, vLLM's own where ours do not apply).")
 
 
 class LocalSettings(EngineSettings, LocalOptions):

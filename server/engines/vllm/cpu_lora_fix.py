@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 
+from server.engines.vllm.punica_plugin import PunicaStatsExtension
+
 _PATCHED_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 
 
@@ -52,9 +54,9 @@ def install() -> None:
             setattr(punica_cpu, name, fixed)
 
 
-class CpuLoraFixExtension:
-    """vLLM worker extension (no methods): naming it in `worker_extension_cls` makes each
-    worker process import this module, which installs the fix."""
+class CpuLoraFixExtension(PunicaStatsExtension):
+    """vLLM worker extension: naming it in `worker_extension_cls` makes each worker process
+    import this module, which installs the fix (and answers loramix_punica_stats)."""
 
 
 install()

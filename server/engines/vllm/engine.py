@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -22,7 +23,7 @@ from server.engines.base import (
     SamplingOptions,
     TokenLogprobs,
 )
-from server.engines.vllm import compat
+from server.engines.vllm import compat, punica_plugin
 from server.engines.settings import VllmSettings
 from server.engines.vllm.options import engine_args_kwargs
 
@@ -87,6 +88,7 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = engine_args_kwargs(self.model_dir, self.settings, is_cpu=current_platform.is_cpu())
+        _choose_lora_kernels(self.settings.lora_kernels)
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         logger.info(
             "vLLM engine ready: max_loras=%d max_lora_rank=%d max_model_len=%d",
@@ -101,6 +103,12 @@ class VllmEngine(Engine):
         self._adapters.clear()
         if llm is not None:
             llm.shutdown()
+
+    async def lora_kernel_stats(self) -> list[dict]:
+        """Per worker: class and per-op call counts of loramix's punica wrappers (empty
+        lists under vLLM's own kernels)."""
+        workers = await self._require_llm().collective_rpc("loramix_punica_stats")
+        return [entry for worker in workers for entry in worker]
 
     def _require_llm(self) -> AsyncLLM:
         if self._llm is None:
@@ -226,6 +234,21 @@ def _scheduler_request_counts() -> tuple[int, int] | None:
     if not totals:
         return None
     return int(totals.get("vllm:num_requests_running", 0)), int(totals.get("vllm:num_requests_waiting", 0))
+
+
+def _choose_lora_kernels(choice: str) -> None:
+    """Tell vLLM's processes (they inherit the environment) whose LoRA kernels to run, and
+    switch this process over too (a forked engine core inherits the switch)."""
+    os.environ[punica_plugin.ENV] = choice
+    if choice != "loramix":
+        punica_plugin.uninstall()
+        return
+    if not punica_plugin.is_registered():
+        raise EngineError(
+            "--lora-kernels loramix needs loramix's vLLM plugin entry point: reinstall loramix "
+            "(pip install -e .) so vLLM's processes find it."
+        )
+    punica_plugin.install()
 
 
 def _lora_request(handle: AdapterHandle) -> LoRARequest:

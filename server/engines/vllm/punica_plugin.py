@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -62,10 +63,26 @@ def install() -> str:
         return ours
 
     get_punica_wrapper.loramix_wrapper = ours
+    get_punica_wrapper.loramix_original = platform_cls.__dict__.get("get_punica_wrapper")
     platform_cls.get_punica_wrapper = classmethod(get_punica_wrapper)
     logger.info("loramix LoRA kernels: %s uses %s instead of %s (pid %d)",
                 platform_cls.__name__, ours, vllm_wrapper, os.getpid())
     return ours
+
+
+def uninstall() -> None:
+    """Undo install in this process (an engine started later with vLLM's kernels, which a
+    forked engine core would otherwise inherit)."""
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if getattr(platform_cls.get_punica_wrapper, "loramix_wrapper", None) is None:
+        return
+    original = platform_cls.get_punica_wrapper.loramix_original
+    if original is None:
+        delattr(platform_cls, "get_punica_wrapper")
+    else:
+        platform_cls.get_punica_wrapper = original
 
 
 def is_registered() -> bool:
@@ -85,3 +102,12 @@ def write_plugin_dist(site_dir: Path) -> Path:
                                    "Version: 0\n")
     (dist / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n{PLUGIN_NAME} = {PLUGIN_VALUE}\n")
     return dist
+
+
+class PunicaStatsExtension:
+    """vLLM worker extension: `collective_rpc("loramix_punica_stats")` returns, per worker,
+    the class and call counts of loramix's punica wrappers there (empty under vLLM's own)."""
+
+    def loramix_punica_stats(self) -> list[dict]:
+        punica = sys.modules.get("server.engines.vllm.punica")  # imported only when in use
+        return punica.punica_stats() if punica is not None else []
