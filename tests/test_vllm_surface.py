@@ -19,7 +19,7 @@ import pytest
 from server.engines.vllm import VllmSettings, compat
 from server.engines.vllm.options import engine_args_kwargs
 from tests import vllm_surface
-from tests.optional_deps import require_all
+from tests.optional_deps import require_all, require_module
 from tests.vllm_surface import read_surface, surface_0_26_proxy
 
 ENGINE_DIR = Path(__file__).resolve().parent.parent / "server" / "engines" / "vllm"
@@ -234,3 +234,39 @@ def test_the_proxy_hides_what_0_26_lacks():
     assert proxy.generate() == "ok"
     with pytest.raises(AttributeError):
         proxy.get_num_unfinished_requests()
+
+
+# What --lora-kernels loramix (server/engines/vllm/punica*.py) overrides, calls or reads.
+PUNICA_NAMES = {
+    "vllm.lora.punica_wrapper.punica_base.PunicaWrapperBase": [
+        "update_metadata", "add_shrink", "add_expand", "add_lora_embedding", "add_lora_linear",
+        "add_lora_logits", "token_lora_indices", "sampler_indices"],
+    "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU": [
+        "__init__", "update_metadata", "add_shrink", "add_expand", "add_lora_embedding",
+        "add_lora_linear", "add_lora_logits"],
+    "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU": [
+        "__init__", "add_shrink", "add_expand", "add_lora_embedding", "add_lora_linear",
+        "add_lora_logits"],
+    "vllm.lora.layers.utils.LoRAMapping": ["index_mapping", "prompt_mapping", "is_prefill"],
+    "vllm.platforms.interface.Platform": ["get_punica_wrapper"],
+}
+
+
+def test_every_name_the_punica_wrapper_uses_exists(surface):
+    missing = [f"{cls.rsplit('.', 1)[1]}.{name}" for cls, names in PUNICA_NAMES.items()
+               for name in names if name not in surface["classes"][cls]]
+    assert not missing, f"vLLM {surface['version']} lacks {missing}"
+    assert "DEFAULT_PLUGINS_GROUP" in surface["modules"]["vllm.plugins"]
+    assert "get_punica_wrapper" in surface["modules"]["vllm.lora.punica_wrapper.punica_selector"]
+
+
+def test_plugin_group_is_vllms_general_plugins():
+    require_module("vllm")
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP
+
+    from server.engines.vllm import punica_plugin
+
+    assert punica_plugin.PLUGIN_GROUP == DEFAULT_PLUGINS_GROUP
+    pyproject = (ENGINE_DIR.parent.parent.parent / "pyproject.toml").read_text()
+    assert f'[project.entry-points."{DEFAULT_PLUGINS_GROUP}"]\n{punica_plugin.PLUGIN_NAME} = ' \
+           f'"{punica_plugin.PLUGIN_VALUE}"' in pyproject

@@ -30,6 +30,12 @@ CLASSES = (
     ("vllm.outputs", "RequestOutput"),
     ("vllm.outputs", "CompletionOutput"),
     ("vllm.inputs.llm", "TokensPrompt"),
+    # --lora-kernels loramix (server/engines/vllm/punica*.py)
+    ("vllm.lora.punica_wrapper.punica_base", "PunicaWrapperBase"),
+    ("vllm.lora.punica_wrapper.punica_gpu", "PunicaWrapperGPU"),
+    ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU"),
+    ("vllm.lora.layers.utils", "LoRAMapping"),
+    ("vllm.platforms.interface", "Platform"),
 )
 # Modules whose top-level names (definitions, imports, __all__) are recorded.
 MODULES = (
@@ -43,6 +49,10 @@ MODULES = (
     "vllm.v1.engine.async_llm",
     "vllm.lora.ops.torch_ops",
     "vllm.lora.punica_wrapper",
+    "vllm.lora.punica_wrapper.punica_gpu",
+    "vllm.lora.punica_wrapper.punica_cpu",
+    "vllm.lora.punica_wrapper.punica_selector",
+    "vllm.plugins",
 )
 
 
