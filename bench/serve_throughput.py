@@ -79,13 +79,15 @@ def server_env() -> dict[str, str]:
 class Server:
     """A server subprocess on a free loopback port; `stop()` ends it (and its children)."""
 
-    def __init__(self, args: list[str], port: int, log_path: Path) -> None:
+    def __init__(self, args: list[str], port: int, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            args, cwd=REPO_ROOT, env=server_env(), stdout=self._log, stderr=subprocess.STDOUT
+            args, cwd=REPO_ROOT, env={**server_env(), **(env or {})}, stdout=self._log,
+            stderr=subprocess.STDOUT
         )
         self._wait_ready()
 

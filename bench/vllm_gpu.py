@@ -89,7 +89,7 @@ def loads(args) -> list[Load]:
 # ---------------------------------------------------------------------------- build
 
 
-def build(work: Path, shape: str) -> None:
+def build(work: Path, shape: str, skills: tuple[str, ...] = SKILLS) -> None:
     """Base model and skills in work/base and work/skills (skipped if already there)."""
     import torch
 
@@ -111,7 +111,7 @@ def build(work: Path, shape: str) -> None:
         "self_attn.o_proj": (hidden, config["num_attention_heads"] * head_dim),
         "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
     }
-    for seed, skill in enumerate(SKILLS, start=1):
+    for seed, skill in enumerate(skills, start=1):
         if (skills / skill / "adapter_config.json").exists():
             continue
         gen = torch.Generator().manual_seed(seed)

