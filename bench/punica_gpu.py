@@ -162,8 +162,8 @@ def part_layers(args, deadline: float) -> dict:
     ours, vllm = _wrappers(device, max(tokens))
     gens = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0)
     rows, skipped = [], 0
-    for name, layer in layers.items():
-        for rank in RANKS:
+    for rank in RANKS:  # rank 16 over every layer first, should the budget run out
+        for name, layer in layers.items():
             for num_tokens in tokens:
                 for pattern in PATTERNS:
                     if time.monotonic() > deadline:
@@ -328,7 +328,16 @@ def part_serve(args, work: Path, deadline: float) -> dict:
         for server in servers.values():
             server.stop()
     out["lora_overhead"] = _overheads(out["rows"])
+    out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in ("vllm", "loramix")}
     return out
+
+
+def _wrapper_lines(path: Path) -> list[str]:
+    """The plugin's and the wrapper's log lines: which wrapper vLLM built, which path served."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    return [line[-200:] for line in lines if "loramix LoRA kernels:" in line or "loramix punica:" in line]
 
 
 def _overheads(rows: list[dict]) -> list[dict]:

@@ -89,8 +89,8 @@ def loads(args) -> list[Load]:
 # ---------------------------------------------------------------------------- build
 
 
-def build(work: Path, shape: str, skills: tuple[str, ...] = SKILLS) -> None:
-    """Base model and skills in work/base and work/skills (skipped if already there)."""
+def build(work: Path, shape: str, names: tuple[str, ...] = SKILLS) -> None:
+    """Base model and skills `names` in work/base and work/skills (skipped if there)."""
     import torch
 
     import merging
@@ -111,7 +111,7 @@ def build(work: Path, shape: str, skills: tuple[str, ...] = SKILLS) -> None:
         "self_attn.o_proj": (hidden, config["num_attention_heads"] * head_dim),
         "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
     }
-    for seed, skill in enumerate(skills, start=1):
+    for seed, skill in enumerate(names, start=1):
         if (skills / skill / "adapter_config.json").exists():
             continue
         gen = torch.Generator().manual_seed(seed)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 import weakref
 
@@ -46,6 +47,7 @@ MAX_TRITON_RANK = 128  # largest rank the kernels are tested and tuned for
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+logger = logging.getLogger("vllm.loramix")  # under vLLM's logger: printed in its workers
 _WRAPPERS: weakref.WeakValueDictionary[int, _LoramixPunica] = weakref.WeakValueDictionary()
 _NEXT_ID = itertools.count()
 
@@ -157,10 +159,17 @@ class _LoramixPunica:
         if meta is not None and self._supported(op, y, x, lora_as, lora_bs, output_slices):
             path = getattr(self, f"_{op}")(y, x, lora_as, lora_bs, scale, output_slices,
                                            offset_start, meta)
-            self.calls[f"{op}:{path}"] += 1
+            self._count(op, path)
             return
-        self.calls[f"{op}:vllm"] += 1
+        self._count(op, "vllm")
         self._vllm_op(op, y, x, lora_a, lora_b, scale, output_slices, offset_start)
+
+    def _count(self, op: str, path: str) -> None:
+        key = f"{op}:{path}"
+        if key not in self.calls:
+            logger.info("loramix punica: first %s call served by %s (%s)", op, path,
+                        type(self).__name__)
+        self.calls[key] += 1
 
     def _vllm_op(self, op, y, x, lora_a, lora_b, scale, output_slices, offset_start) -> None:
         vllm = super()
