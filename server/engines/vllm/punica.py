@@ -191,7 +191,8 @@ class _LoramixPunica:
                for w in weights):
             return False
         if self.backend == "triton":
-            if not (x.is_cuda and y.is_cuda) or any(w.dtype not in TRITON_DTYPES for w in weights):
+            on_device = (x.is_cuda and y.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
+            if not on_device or any(w.dtype not in TRITON_DTYPES for w in weights):
                 return False
             if lora_as and x.dtype != lora_as[0].dtype:
                 return False
@@ -256,7 +257,7 @@ class _LoramixPunica:
 
     def _dense_applies(self, x: torch.Tensor) -> bool:
         return (self.dense_slot is not None and x.shape[0] >= DENSE_MIN_TOKENS
-                and not torch.cuda.is_current_stream_capturing())
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def _dense_lora(y, x, lora_as, lora_bs, scale, slot: int, num_tokens: int) -> None:
