@@ -52,7 +52,11 @@ _WRAPPERS: weakref.WeakValueDictionary[int, _LoramixPunica] = weakref.WeakValueD
 _NEXT_ID = itertools.count()
 
 
-@torch.library.custom_op("loramix::punica", mutates_args=("y",))
+# The schema is spelled out: this module's annotations are strings (postponed evaluation).
+@torch.library.custom_op(
+    "loramix::punica", mutates_args=("y",),
+    schema="(Tensor(a0!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float scale, "
+           "int[] output_slices, int offset_start, str op, int wrapper_id) -> ()")
 def _punica_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
                lora_b: list[torch.Tensor], scale: float, output_slices: list[int],
                offset_start: int, op: str, wrapper_id: int) -> None:
@@ -207,6 +211,8 @@ class _LoramixPunica:
             return ([b.shape[1] for b in lora_bs] == list(output_slices)
                     and sum(output_slices) == y.shape[-1]
                     and len({a.shape[1] for a in lora_as}) == 1)
+        if op == "logits":  # vLLM's expand adds into the first N columns of the logits
+            return lora_bs[0].shape[1] <= y.shape[-1]
         if op in ("expand", "shrink"):
             return x.dtype == torch.float32 if op == "expand" else y.dtype == torch.float32
         return True
@@ -220,8 +226,8 @@ class _LoramixPunica:
         return "loramix"
 
     def _logits(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start, meta) -> str:
-        self._add_slices(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), lora_as, lora_bs,
-                         scale, meta)
+        y2 = y.view(-1, y.shape[-1])[:, :lora_bs[0].shape[1]]
+        self._add_slices(y2, x.view(-1, x.shape[-1]), lora_as, lora_bs, scale, meta)
         return "loramix"
 
     def _shrink(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start, meta) -> str:
