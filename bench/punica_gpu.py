@@ -268,6 +268,9 @@ async def greedy(url, models, prompts, max_tokens) -> list[list[str]]:
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                     "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True}
             response = await http.post(url + "/v1/completions", json=body)
+            if response.status_code == 400:  # a server without token-id logprobs: the text
+                body = {k: v for k, v in body.items() if k not in ("logprobs", "return_tokens_as_token_ids")}
+                response = await http.post(url + "/v1/completions", json=body)
             response.raise_for_status()
             choice = response.json()["choices"][0]
             return (choice.get("logprobs") or {}).get("tokens") or [choice["text"]]
