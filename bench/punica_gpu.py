@@ -203,7 +203,7 @@ def _plugin_site(work: Path) -> Path:
     return site
 
 
-def start_server(args, work: Path, kernels: str, site: Path) -> Server:
+def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> Server:
     port = free_port()
     modules = [f"{name}={work / 'skills' / name}" for name in ADAPTERS]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
@@ -219,7 +219,7 @@ def start_server(args, work: Path, kernels: str, site: Path) -> Server:
     env = {"LORAMIX_LORA_KERNELS": kernels,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
-    return Server(cmd, port, work / f"server-{kernels}.log", env=env)
+    return Server(cmd, port, work / f"server-{kernels}.log", env=env, ready_s=ready_s)
 
 
 async def _one(http, url, model, prompt, max_tokens) -> dict:
@@ -297,10 +297,18 @@ def part_serve(args, work: Path, deadline: float) -> dict:
     servers: dict[str, Server] = {}
     try:
         t0 = time.perf_counter()
+        ready_s = max(60.0, deadline - time.monotonic())
+        failed = {}
         with ThreadPoolExecutor(2) as pool:  # both start at once: half the wall time
-            futures = {k: pool.submit(start_server, args, work, k, site) for k in ("vllm", "loramix")}
+            futures = {k: pool.submit(start_server, args, work, k, site, ready_s)
+                       for k in ("vllm", "loramix")}
             for kernels, future in futures.items():
-                servers[kernels] = future.result()
+                try:
+                    servers[kernels] = future.result()
+                except BaseException as exc:  # Server raises SystemExit with the log's tail
+                    failed[kernels] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        if failed:
+            raise RuntimeError(f"server start failed: {failed}")
         out["start_s"] = time.perf_counter() - t0
         log(f"servers ready in {out['start_s']:.0f} s")
         cases = [("base model", ["base"]), ("1 adapter", ["a"]), ("8 adapters", list(ADAPTERS))]
@@ -393,7 +401,7 @@ def main() -> None:
         try:
             result = run()
             summary[name] = "ok"
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             traceback.print_exc()
             result = dict(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
             summary[name] = result["error"]

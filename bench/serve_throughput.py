@@ -80,7 +80,7 @@ class Server:
     """A server subprocess on a free loopback port; `stop()` ends it (and its children)."""
 
     def __init__(self, args: list[str], port: int, log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, ready_s: float = 600) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -89,7 +89,7 @@ class Server:
             args, cwd=REPO_ROOT, env={**server_env(), **(env or {})}, stdout=self._log,
             stderr=subprocess.STDOUT
         )
-        self._wait_ready()
+        self._wait_ready(ready_s)
 
     def _wait_ready(self, limit_s: float = 600) -> None:
         deadline = time.monotonic() + limit_s

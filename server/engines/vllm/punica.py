@@ -9,8 +9,9 @@ shape the kernels do not take, vLLM's dual-stream `add_inputs=False`); `calls` c
 which path served each op.
 
 Metadata: update_metadata (outside the forward pass and outside CUDA graphs, where vLLM
-itself syncs with the host) refills a kernels.step.StepMeta for the tokens and one for the
-sampled rows, at fixed addresses sized by max_num_batched_tokens; a layer call on n rows
+itself syncs with the host) refills a kernels.step.StepMeta for the tokens, at fixed
+addresses sized by max_num_batched_tokens (the one for the sampled rows is refilled by the
+step's first logits call: vLLM 0.26-0.32 put no LoRA on the logits, so most steps skip it); a layer call on n rows
 (the step's tokens plus CUDA-graph padding, slot -1) uses the prefix meta of n rows. The
 launches therefore read the same tensors in every step and every graph replay; plans and
 workspaces are made once per signature (kernels.add_lora_slices_planned).
@@ -102,6 +103,7 @@ class _LoramixPunica:
         self.token_step = StepMeta(max_num_batched_tokens, num_slots, device)
         self.sampler_step = StepMeta(max_num_batched_tokens, num_slots, device)
         self.dense_slot: int | None = None
+        self._sampler_stale = True
         self.calls: collections.Counter[str] = collections.Counter()
         self.wrapper_id = next(_NEXT_ID)
         _WRAPPERS[self.wrapper_id] = self
@@ -109,7 +111,7 @@ class _LoramixPunica:
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self.token_step.update(self.token_lora_indices)
-        self.sampler_step.update(self.sampler_indices)
+        self._sampler_stale = True  # refilled by the step's first logits call, if any
         self.dense_slot = (single_slot(mapping.index_mapping, lora_index_to_id, DENSE_MIN_TOKENS)
                            if self.backend == "triton" else None)
 
@@ -158,6 +160,9 @@ class _LoramixPunica:
 
     def run_op(self, op, y, x, lora_a, lora_b, scale, output_slices, offset_start) -> None:
         lora_as, lora_bs = [_slots(a) for a in lora_a], [_slots(b) for b in lora_b]
+        if op == "logits" and self._sampler_stale:  # logits run outside CUDA graphs
+            self.sampler_step.update(self.sampler_indices)
+            self._sampler_stale = False
         rows = x.shape[-2] if op == "expand" else x.view(-1, x.shape[-1]).shape[0]
         meta = (self.sampler_step if op == "logits" else self.token_step).for_tokens(rows)
         if meta is not None and self._supported(op, y, x, lora_as, lora_bs, output_slices):
