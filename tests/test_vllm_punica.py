@@ -202,3 +202,27 @@ def test_plugin_points_the_platform_at_loramix(monkeypatch):
     monkeypatch.setenv(punica_plugin.ENV, "triton")
     with pytest.raises(ValueError, match="LORAMIX_LORA_KERNELS must be one of vllm, loramix"):
         punica_plugin.register()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_wrapper_traces_whole_under_torch_compile(backend):
+    """vLLM compiles its model with fullgraph=True (on CUDA): the wrapper must trace without a
+    graph break (its work is the opaque custom op loramix::punica) and the functionalized
+    in-place update must give vLLM's result."""
+    gen = torch.Generator().manual_seed(5)
+    ours, vllm = _updated("prefill")
+    num_tokens, widths = ours.token_step.num_tokens, SLICES["qkv"]
+    x = torch.randn(num_tokens, HIDDEN, generator=gen)
+    lora_a = tuple(_stacked(gen, 8, HIDDEN, torch.float32) for _ in widths)
+    lora_b = tuple(_stacked(gen, w, 8, torch.float32) for w in widths)
+
+    def layer(y, x):
+        ours.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths)
+        return y * 1.0
+
+    y0 = torch.randn(num_tokens, sum(widths), generator=gen)
+    out = torch.compile(layer, fullgraph=True, backend=backend)(y0.clone(), x)
+    expected = y0.clone()
+    vllm.add_lora_linear(expected, x, lora_a, lora_b, 1.0, widths)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert ours.calls == {"linear:loramix": 1}
