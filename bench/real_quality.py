@@ -11,6 +11,7 @@ nine tasks.
 
     python -m bench.real_quality --skills DIR --out quality.json --device cuda     # the table (H200: minutes)
     python -m bench.real_quality --render quality.json                           # markdown of a saved run
+    python -m bench.real_quality --combine q1.json q2.json --out all.json        # runs cut short, as one
 
 One process: the base model is loaded once; merges run on CPU threads while the GPU trains the
 mixed LoRA, tunes CAT and scores; each row's adapter goes into peft LoRA slots
@@ -293,8 +294,43 @@ def cell(result: dict | None) -> str:
     return f"{result['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _key(rec: dict) -> str:
+    return f"{rec['merge']} | {rec['method']}"
+
+
+def combine(saved_runs: dict[str, dict]) -> dict:
+    """Runs of the same plan cut short (the device call's time limit), as one: each row once, in
+    plan order, with the run it came from; each run's settings, hardware and seconds kept; the
+    planned rows no run scored listed. A row scored twice must have the same counts in both runs
+    (the base row is in every run)."""
+    runs, rows = {}, {}
+    for label, saved in saved_runs.items():
+        if saved["settings"]["methods"] != list(METHODS):
+            raise ValueError(f"run {label} planned the methods {saved['settings']['methods']}, not {list(METHODS)}")
+        runs[label] = {k: saved[k] for k in ("settings", "hardware", "seconds", "complete")}
+        for rec in saved["rows"]:
+            key = _key(rec)
+            if key not in rows:
+                rows[key] = {**rec, "run": label}
+                continue
+            counts = {t: r["correct"] for t, r in rec["results"].items()}
+            first = {t: r["correct"] for t, r in rows[key]["results"].items()}
+            if counts != first:
+                raise ValueError(f"{key}: run {label} scored {counts}, run {rows[key]['run']} {first}")
+            rows[key]["run"] += f", {label}"
+    rank = next(r["rank"] for r in rows.values() if r["source"] == "skill")
+    planned = [f"{r.merge} | {r.method}" for r in plan(rank)]
+    unknown = set(rows) - set(planned)
+    if unknown:
+        raise ValueError(f"rows not in the plan: {sorted(unknown)}")
+    return {"runs": runs, "complete": False, "rows": [rows[k] for k in planned if k in rows],
+            "not_run": [k for k in planned if k not in rows]}
+
+
 def render(saved: dict) -> str:
     """The table of a saved run: one line per row, a column per task (accuracy [95% CI])."""
+    if "runs" in saved:
+        return render_combined(saved)
     s, secs = saved["settings"], saved["seconds"]
     title = (f"SmolLM2-135M-Instruct merge quality: n = {s['size']} per task, greedy, at most "
              f"{s['max_new_tokens']} new tokens, {s['dtype'].removeprefix('torch.')}; accuracy [95 % Wilson "
@@ -310,9 +346,39 @@ def render(saved: dict) -> str:
     return "\n".join(lines)
 
 
+def render_combined(combined: dict) -> str:
+    """The table of combined runs: a column for the run of each row, then the rows not run."""
+    runs = combined["runs"]
+    s = next(iter(runs.values()))["settings"]
+    parts = []
+    for label, run_ in runs.items():
+        secs = run_["seconds"]
+        parts.append(f"run {label}: {secs['total']:.0f} s" + "".join(
+            f", {name} {secs[key]:.0f} s" for key, name in (("mixed_training", "mixed LoRA"), ("tuning", "learned CAT"))
+            if key in secs) + ("" if run_["complete"] else " (cut short)")
+            + (f", only rows matching {run_['settings']['only']}" if run_["settings"]["only"] else ""))
+    hardware_ = sorted({r["hardware"] for r in runs.values()})
+    title = (f"SmolLM2-135M-Instruct merge quality: n = {s['size']} per task, greedy, at most "
+             f"{s['max_new_tokens']} new tokens, {s['dtype'].removeprefix('torch.')}; accuracy [95 % Wilson "
+             f"interval]; {'; '.join(hardware_)}; {len(runs)} runs ({'; '.join(parts)}). "
+             "Weights 1/N unless stated; rank: the merged adapter's.")
+    lines = [title, "", "| merge | method | rank | " + " | ".join(TASKS) + " | run |",
+             "|---|---|---|" + "---|" * (len(TASKS) + 1)]
+    for rec in combined["rows"]:
+        rank = "" if rec["rank"] is None else str(rec["rank"])
+        cells = [cell(rec["results"].get(t)) for t in TASKS]
+        lines.append(f"| {rec['merge']} | {rec['method']} | {rank} | " + " | ".join(cells) + f" | {rec['run']} |")
+    if combined["not_run"]:
+        lines += ["", f"Not run ({len(combined['not_run'])} planned rows): "
+                  + "; ".join(f"`{k}`" for k in combined["not_run"]) + "."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--render", type=Path, default=None, help="print the markdown table of a saved run")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="combine saved runs (each labelled by its directory's name) into --out, print the table")
     parser.add_argument("--base", type=Path, default=None, help="default: the converted SmolLM2-135M-Instruct")
     parser.add_argument("--skills", type=Path, default=Path(__file__).parents[1] / "lab/real/assets/skills")
     parser.add_argument("--out", type=Path, default=None, help="write the run as JSON here")
@@ -334,6 +400,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
+        return
+    if args.combine:
+        combined = combine({p.parent.name: json.loads(p.read_text()) for p in args.combine})
+        if args.out:
+            write_json(args.out, combined)
+        print(render(combined))
         return
     if args.base is None:
         from lab.real.base import ensure_base_model

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.real_quality import lego_ranks, merges, plan, render, selected
+from bench.real_quality import combine, lego_ranks, merges, plan, render, selected
 from lab.real.data import COMPOSITES, MIXED, SKILLS, TASKS
 from lab.real.evaluate import wilson_interval
 from merging import METHODS, load_adapter
@@ -125,3 +125,26 @@ def test_render_gives_one_line_per_row(gpu_run):
     assert table[2].startswith("| merge | method | rank | arithmetic |")
     assert len(table) == 4 + len(saved["rows"])
     assert (gpu_run / "quality.md").read_text().strip() == render(saved)
+
+
+def _saved(rows, correct: int, only=None) -> dict:
+    """A saved run of `rows` (plan rows) where every cell has `correct` of 200."""
+    cell = {"correct": correct, "n": 200, "accuracy": correct / 200, "ci95": list(wilson_interval(correct, 200))}
+    records = [{"merge": r.merge, "method": r.method, "source": r.source, "skills": list(r.skills),
+                "rank": None if r.source == "base" else 16, "results": {t: cell for t in r.tasks}} for r in rows]
+    settings = {"size": 200, "max_new_tokens": 48, "dtype": "torch.bfloat16", "methods": list(METHODS), "only": only}
+    return {"settings": settings, "hardware": "H", "seconds": {"total": 1.0}, "complete": False, "rows": records}
+
+
+def test_combine_keeps_plan_order_marks_runs_and_lists_rows_not_run():
+    rows = plan(16)
+    first, second = _saved(rows[:10], 5), _saved([rows[0], rows[-1], rows[12]], 5, only=["x"])
+    combined = combine({"q1": first, "q2": second})
+    assert [(r["merge"], r["method"]) for r in combined["rows"]] == [
+        (r.merge, r.method) for r in (*rows[:10], rows[12], rows[-1])]
+    assert [r["run"] for r in combined["rows"]] == ["q1, q2"] + ["q1"] * 9 + ["q2", "q2"]
+    assert combined["not_run"] == [f"{r.merge} | {r.method}" for r in (rows[10:12] + rows[13:-1])]
+    table = render(combined)
+    assert table.count("| - | base |") == 1 and f"Not run ({len(rows) - 12} planned rows)" in table
+    with pytest.raises(ValueError, match="base"):
+        combine({"q1": first, "q2": _saved([rows[0]], 6)})  # the base row scored differently
