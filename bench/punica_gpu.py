@@ -1,6 +1,7 @@
 """loramix's punica wrapper against vLLM's, inside vLLM, on one GPU (issue 17): one run.
 
     PYTHONPATH=/tmp/site:$PWD python -m bench.punica_gpu --out "$OUT"      # H200, vLLM 0.26
+    PYTHONPATH=/tmp/site:$PWD python -m bench.punica_gpu --out "$OUT" --parts serve --budget-s 470
     python -m bench.punica_gpu --out /tmp/pg --shape tiny --budget-s 1500    # CPU dry run
 
 Parts (each in its own try, so one failure still leaves the others' results):
@@ -10,7 +11,8 @@ Parts (each in its own try, so one failure still leaves the others' results):
   same inputs (relative error of the LoRA delta, rows without adapter bit-identical), and
   (b) the time of each (CUDA-graph replay up to 512 tokens, where vLLM captures graphs; eager
   wall time above, where it does not), with the path ours took (segmented kernels or dense).
-- serve: vLLM's own OpenAI server twice, LORAMIX_LORA_KERNELS=vllm and =loramix (the
+- serve: vLLM's own OpenAI server twice, one after the other (two on one GPU at once size
+  their KV caches from each other's memory), LORAMIX_LORA_KERNELS=vllm then =loramix (the
   loramix plugin found through a plugin distribution on PYTHONPATH), same random 1B Llama
   and 8 rank-16 adapters; streamed completions at concurrency 1, 16, 64 for the base model,
   one adapter and 8 adapters: output tok/s, TTFT, ITL; greedy first-token and whole-sequence
@@ -30,7 +32,6 @@ import statistics
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -285,7 +286,29 @@ def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(num)]
 
 
+# (case, models, concurrency), the targets' loads first (16 and 64 concurrent over 8 adapters
+# against the base model), so a budget that runs out drops the least needed ones.
+CASES = {"base model": ["base"], "1 adapter": ["a"], "8 adapters": list(ADAPTERS)}
+LOAD_ORDER = (("base model", 16), ("8 adapters", 16), ("base model", 64), ("8 adapters", 64),
+              ("1 adapter", 16), ("1 adapter", 64), ("base model", 1), ("8 adapters", 1),
+              ("1 adapter", 1))
+
+
+def serve_loads() -> list[tuple[str, list[str], int]]:
+    return [(case, CASES[case], concurrency) for case, concurrency in LOAD_ORDER
+            if concurrency in CONCURRENCY]
+
+
+def backend_deadline(now: float, deadline: float, backends_left: int) -> float:
+    """The end of one backend's share: an even split of what is left among those to come."""
+    return now + max(0.0, deadline - now) / backends_left
+
+
 def part_serve(args, work: Path, deadline: float) -> dict:
+    """One server at a time (vllm's kernels, then loramix's), each over an even share of
+    the time left: two vLLM servers starting together on one GPU size their KV caches from
+    each other's allocations (the first H200 run: 'No available memory for the cache
+    blocks'). loramix's server runs exactly the loads vllm's finished, so rows pair up."""
     from bench.vllm_gpu import build
 
     t0 = time.perf_counter()
@@ -293,54 +316,58 @@ def part_serve(args, work: Path, deadline: float) -> dict:
     log(f"model and {len(ADAPTERS)} adapters ready in {time.perf_counter() - t0:.0f} s")
     vocab = json.loads((work / "base" / "config.json").read_text())["vocab_size"]
     site = _plugin_site(work)
-    out: dict = dict(rows=[], agreement={}, start_s={})
-    servers: dict[str, Server] = {}
-    try:
+    out: dict = dict(rows=[], agreement={}, start_s={}, failed={}, skipped_for_time=[])
+    agree_prompts = _prompts(16, 64, vocab, seed=1)
+    tokens: dict[str, list] = {}
+    loads = serve_loads()
+    backends = ("vllm", "loramix")
+    for i, kernels in enumerate(backends):
+        until = backend_deadline(time.monotonic(), deadline, len(backends) - i)
         t0 = time.perf_counter()
-        ready_s = max(60.0, deadline - time.monotonic())
-        failed = {}
-        with ThreadPoolExecutor(2) as pool:  # both start at once: half the wall time
-            futures = {k: pool.submit(start_server, args, work, k, site, ready_s)
-                       for k in ("vllm", "loramix")}
-            for kernels, future in futures.items():
-                try:
-                    servers[kernels] = future.result()
-                except BaseException as exc:  # Server raises SystemExit with the log's tail
-                    failed[kernels] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
-        if failed:
-            raise RuntimeError(f"server start failed: {failed}")
-        out["start_s"] = time.perf_counter() - t0
-        log(f"servers ready in {out['start_s']:.0f} s")
-        cases = [("base model", ["base"]), ("1 adapter", ["a"]), ("8 adapters", list(ADAPTERS))]
-        agree_prompts = _prompts(16, 64, vocab, seed=1)
-        tokens = {k: asyncio.run(greedy(s.url, ["base", "a", "h"], agree_prompts, 16))
-                  for k, s in servers.items()}
+        try:
+            server = start_server(args, work, kernels, site, max(60.0, until - time.monotonic()))
+        except BaseException as exc:  # Server raises SystemExit with the log's tail
+            out["failed"][kernels] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+            log(f"{kernels} server failed to start")
+            continue
+        try:
+            out["start_s"][kernels] = time.perf_counter() - t0
+            log(f"{kernels} server ready in {out['start_s'][kernels]:.0f} s")
+            tokens[kernels] = asyncio.run(greedy(server.url, ["base", "a", "h"], agree_prompts, 16))
+            done = []
+            for case, models, concurrency in loads:
+                if time.monotonic() > until:
+                    out["skipped_for_time"].append([kernels, case, concurrency])
+                    continue
+                num = max(args.min_prompts, 2 * concurrency)
+                prompts = _prompts(num, args.input_len, vocab, seed=concurrency)
+                asyncio.run(run_load(server.url, models, prompts[:2], 2, 4))  # warm
+                row = asyncio.run(run_load(server.url, models, prompts, concurrency,
+                                           args.output_len))
+                row.update(kernels=kernels, case=case)
+                out["rows"].append(row)
+                done.append((case, models, concurrency))
+                log(json.dumps(row))
+            loads = done  # the next backend runs the same loads, so rows pair up
+        finally:
+            server.stop()
+    if len(tokens) == 2:
         pairs = list(zip(tokens["vllm"], tokens["loramix"]))
         out["agreement"] = dict(
             requests=len(pairs), first_token=sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
             whole_sequence=sum(a == b for a, b in pairs) / len(pairs),
             base_model_whole_sequence=sum(a == b for a, b in pairs[:16]) / 16)
         log("agreement", out["agreement"])
-        for case, models in cases:
-            for concurrency in CONCURRENCY:
-                num = max(args.min_prompts, 2 * concurrency)
-                prompts = _prompts(num, args.input_len, vocab, seed=concurrency)
-                for kernels, server in servers.items():
-                    if time.monotonic() > deadline:
-                        out.setdefault("skipped_for_time", []).append([kernels, case, concurrency])
-                        continue
-                    asyncio.run(run_load(server.url, models, prompts[:2], 2, 4))  # warm
-                    row = asyncio.run(run_load(server.url, models, prompts, concurrency,
-                                               args.output_len))
-                    row.update(kernels=kernels, case=case)
-                    out["rows"].append(row)
-                    log(json.dumps(row))
-    finally:
-        for server in servers.values():
-            server.stop()
     out["lora_overhead"] = _overheads(out["rows"])
-    out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in ("vllm", "loramix")}
+    out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in backends}
     return out
+
+
+def part_deadlines(t0: float, budget_s: float, parts: list[str], layers_share: float) -> dict:
+    """Each part's deadline: serve runs first and leaves layers_share of the budget to the
+    layers part, or takes the whole budget when the layers part is not run."""
+    serve_end = t0 + budget_s * (1 - layers_share if "layers" in parts else 1.0)
+    return dict(serve=serve_end, layers=t0 + budget_s)
 
 
 def _wrapper_lines(path: Path) -> list[str]:
@@ -392,15 +419,17 @@ def main() -> None:
     with_vllm_version(summary)
     parts = args.parts.split(",")
     # serve first (its servers take the GPU for their lifetime), layers timed on a quiet GPU.
-    plan = [("serve", lambda: part_serve(args, args.work, t0 + args.budget_s * (1 - args.layers_share))),
-            ("layers", lambda: part_layers(args, t0 + args.budget_s))]
+    deadlines = part_deadlines(t0, args.budget_s, parts, args.layers_share)
+    plan = [("serve", lambda: part_serve(args, args.work, deadlines["serve"])),
+            ("layers", lambda: part_layers(args, deadlines["layers"]))]
     for name, run in plan:
         if name not in parts:
             continue
         log(f"part {name}")
         try:
             result = run()
-            summary[name] = "ok"
+            failed = result.get("failed")  # serve: a server that did not start
+            summary[name] = f"server start failed: {sorted(failed)}" if failed else "ok"
         except (Exception, SystemExit) as exc:
             traceback.print_exc()
             result = dict(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
