@@ -94,7 +94,7 @@ def test_add_lora_linear_matches_vllm(step, slices, rank, dtype):
     ours.add_lora_linear(y_ours, x, lora_a, lora_b, 0.5, widths)
     vllm.add_lora_linear(y_vllm, x, lora_a, lora_b, 0.5, widths)
     torch.testing.assert_close(y_ours, y_vllm, **_tol(dtype))
-    assert ours.calls == {"linear:loramix": 1}
+    assert ours.calls == {"linear:none" if step == "no_adapter" else "linear:loramix": 1}
     no_adapter = torch.tensor([i for i, n in STEPS[step][0] for _ in range(n)]) == 0
     assert torch.equal(y_ours[no_adapter], y0[no_adapter])  # -1 rows untouched
     if step != "no_adapter":
@@ -153,6 +153,38 @@ def test_add_lora_embedding_matches_vllm():
     vllm.add_lora_embedding(y_vllm, x, lora_b)
     torch.testing.assert_close(y_ours, y_vllm, atol=1e-5, rtol=1e-5)
     assert ours.calls == {"embedding:loramix": 1}
+
+
+def test_step_without_adapter_launches_nothing_then_the_next_step_does():
+    """A base-model-only step (vLLM launches none of its kernels for it): every entry point
+    returns its output untouched, as vLLM's wrapper leaves it, with nothing run; the next
+    step with adapters runs the kernels again."""
+    gen = torch.Generator().manual_seed(6)
+    ours, vllm = _updated("no_adapter")
+    num_tokens, rank, widths = ours.token_step.num_tokens, 8, SLICES["qkv"]
+    x = torch.randn(num_tokens, HIDDEN, generator=gen)
+    lora_a = tuple(_stacked(gen, rank, HIDDEN, torch.float32) for _ in widths)
+    lora_b = tuple(_stacked(gen, w, rank, torch.float32) for w in widths)
+    y0 = torch.randn(num_tokens, sum(widths), generator=gen)
+    for wrapper in (ours, vllm):
+        y, buf = y0.clone(), torch.zeros(len(widths), num_tokens, rank)
+        wrapper.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths)
+        wrapper.add_shrink(buf, x, lora_a, 1.0)
+        wrapper.add_expand(y, buf, lora_b, widths)
+        wrapper.add_lora_embedding(y[:, :16], x[:, :rank], _stacked(gen, 16, rank, torch.float32))
+        logits_b = _stacked(gen, VOCAB, rank, torch.float32)
+        wrapper.add_lora_logits(y[:2], x[:2], lora_a[0], logits_b, 1.0)
+        assert torch.equal(y, y0) and not buf.any(), type(wrapper).__name__
+    ops = ("linear", "shrink", "expand", "embedding", "logits")
+    assert ours.calls == {f"{op}:none": 1 for op in ops}
+
+    ours.update_metadata(_mapping("decode"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+    num_tokens = ours.token_step.num_tokens
+    y0 = torch.randn(num_tokens, sum(widths), generator=gen)
+    y = y0.clone()
+    ours.add_lora_linear(y, x[:num_tokens], lora_a, lora_b, 1.0, widths)
+    assert not torch.equal(y, y0)
+    assert ours.calls["linear:loramix"] == 1
 
 
 def test_padded_rows_and_unsupported_calls():

@@ -24,6 +24,12 @@ so it is taken only when no CUDA graph is being captured (vLLM captures graphs f
 up to its largest capture size, 512 tokens by default, below DENSE_MIN_TOKENS: graphs always
 hold the segmented kernels).
 
+A step without any adapter token (vLLM's base-model-only batches) launches nothing, as
+vLLM's own kernels launch nothing for it (their `no_lora_flag_cpu`): the host mapping in
+update_metadata says so, and the op body returns at once, in eager runs and while a graph is
+captured alike, so a graph vLLM captures for a batch without LoRA is empty of our kernels
+exactly where it is empty of its own (vLLM keeps such graphs apart from the LoRA ones).
+
 Every op runs inside the custom op `loramix::punica` (torch.library), so torch.compile sees
 one opaque call, as it sees vLLM's own `vllm::lora_shrink` / `lora_expand`.
 """
@@ -71,8 +77,9 @@ def _(y, x, lora_a, lora_b, scale, output_slices, offset_start, op, wrapper_id) 
 
 
 def punica_stats() -> list[dict]:
-    """Class and per-op call counts (`op:loramix`, `op:dense`, `op:vllm`) of every loramix
-    punica wrapper alive in this process (vLLM's worker: see worker_extension)."""
+    """Class and per-op call counts (`op:loramix`, `op:dense`, `op:vllm`, `op:none` for a
+    step without adapter) of every loramix punica wrapper alive in this process (vLLM's
+    worker: see worker_extension)."""
     return [dict(wrapper=type(w).__qualname__, calls=dict(w.calls)) for w in _WRAPPERS.values()]
 
 
@@ -103,6 +110,7 @@ class _LoramixPunica:
         self.token_step = StepMeta(max_num_batched_tokens, num_slots, device)
         self.sampler_step = StepMeta(max_num_batched_tokens, num_slots, device)
         self.dense_slot: int | None = None
+        self.no_lora = False  # the step has no token (nor sampled row) with an adapter
         self._sampler_stale = True
         self.calls: collections.Counter[str] = collections.Counter()
         self.wrapper_id = next(_NEXT_ID)
@@ -112,6 +120,7 @@ class _LoramixPunica:
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self.token_step.update(self.token_lora_indices)
         self._sampler_stale = True  # refilled by the step's first logits call, if any
+        self.no_lora = not any(i > 0 for i in (*mapping.index_mapping, *mapping.prompt_mapping))
         self.dense_slot = (single_slot(mapping.index_mapping, lora_index_to_id, DENSE_MIN_TOKENS)
                            if self.backend == "triton" else None)
 
@@ -159,6 +168,9 @@ class _LoramixPunica:
     # Inside the custom op: loramix's kernels, or vLLM's wrapper where they do not apply.
 
     def run_op(self, op, y, x, lora_a, lora_b, scale, output_slices, offset_start) -> None:
+        if self.no_lora:  # no row has an adapter: nothing to add, nothing launched
+            self._count(op, "none")
+            return
         lora_as, lora_bs = [_slots(a) for a in lora_a], [_slots(b) for b in lora_b]
         if op == "logits" and self._sampler_stale:  # logits run outside CUDA graphs
             self.sampler_step.update(self.sampler_indices)
