@@ -56,7 +56,10 @@ def test_new_compositions_and_hang_ups_leave_bounded_state(tiny_base, skills_dir
         composer, cache, slots = state.composer, state.composer.cache, engine._slots
         num_in_memory = len(cache._memory)
         assert num_in_memory <= 2  # a 1-byte tier keeps the entry just admitted
-        assert len(composer.adapter_ids._by_key) == len(composer.adapter_ids._by_id) == num_in_memory
+        ids = composer.adapters.ids
+        assert len(ids._by_key) == len(ids._by_id) == num_in_memory
+        names = composer.adapters.names
+        assert len(names._by_key) == len(names._by_name) == num_in_memory
         assert len(slots._handles) <= num_in_memory and not slots._staged.keys() - slots._handles.keys()
         assert len(slots._resident) <= MAX_LORAS and not slots._pins
         assert not cache._inflight and not engine._requests and not engine._waiting
