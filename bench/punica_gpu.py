@@ -5,13 +5,14 @@
     python -m bench.punica_gpu --out /tmp/pg --shape tiny --budget-s 1500    # CPU dry run
 
 Parts (each in its own try, so one failure still leaves the others' results), run in the
-order serve, tune, layers:
+order tune, layers, serve:
 - layers: per LoRA layer shape (1B Llama and 8B-wide projections: q/k/v, o, gate/up, down),
   tokens 1..4096, one adapter / 8 adapters / 8 adapters + base-model tokens, rank 16 and 64:
   (a) LoramixPunicaWrapper.add_lora_linear against PunicaWrapperGPU.add_lora_linear on the
   same inputs (relative error of the LoRA delta, rows without adapter bit-identical), and
   (b) the time of each (CUDA-graph replay up to 512 tokens, where vLLM captures graphs; eager
-  wall time above, where it does not), with the path ours took (segmented kernels or dense).
+  wall time above, where it does not, the two wrappers taking turns), with the path ours
+  took (segmented kernels, dense, or none for a step without adapter).
 - serve: vLLM's own OpenAI server twice, one after the other (two on one GPU at once size
   their KV caches from each other's memory), LORAMIX_LORA_KERNELS=vllm then =loramix (the
   loramix plugin found through a plugin distribution on PYTHONPATH), same random 1B Llama
@@ -100,29 +101,36 @@ def _mapping(num_tokens: int, pattern: str, gen):
     return LoRAMapping(ids, ids, is_prefill=num_tokens > 1), index_to_id, ids
 
 
-def _eager_us(fn, device: str, reps: int = 5, inner: int = 10) -> float:
+def _eager_pair_us(fns, device: str, reps: int = 21, inner: int = 20) -> list[float]:
+    """Median wall time per call of each fn, eager (host launch included, as vLLM runs
+    steps over its largest graph size): the fns take turns rep by rep, so drift on the
+    host or GPU falls on both alike."""
     import torch
 
-    fn()
-    times = []
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e6 / inner)
-    return statistics.median(times)
+        for fn, samples in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples.append((time.perf_counter() - t0) * 1e6 / inner)
+    return [statistics.median(samples) for samples in times]
 
 
-def _time_us(fn, num_tokens: int, device: str) -> tuple[float, str]:
+def _time_pair_us(fns, num_tokens: int, device: str) -> tuple[list[float], str]:
+    """CUDA-graph replay up to vLLM's largest capture size (what a step replays there);
+    interleaved eager wall time above it."""
     if device == "cuda" and num_tokens <= GRAPH_MAX_TOKENS:
         from bench.timing import graph_time_us
 
-        return graph_time_us(fn, inner=10), "graph"
-    return _eager_us(fn, device), "eager"
+        return [graph_time_us(fn, inner=10) for fn in fns], "graph"
+    return _eager_pair_us(fns, device), "eager"
 
 
 def layer_case(ours, vllm, layer, num_tokens, pattern, rank, dtype, device, gens, timing) -> dict:
@@ -150,10 +158,9 @@ def layer_case(ours, vllm, layer, num_tokens, pattern, rank, dtype, device, gens
                rel_err=rel, idle_rows_untouched=bool(torch.equal(y_ours[idle], y0[idle])))
     if timing:
         y = y0.clone()
-        us_ours, how = _time_us(lambda: ours.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths),
-                                num_tokens, device)
-        us_vllm, _ = _time_us(lambda: vllm.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths),
-                              num_tokens, device)
+        fns = (lambda: ours.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths),
+               lambda: vllm.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths))
+        (us_ours, us_vllm), how = _time_pair_us(fns, num_tokens, device)
         row.update(timed=how, ours_us=us_ours, vllm_us=us_vllm, speedup=us_vllm / us_ours)
     return row
 
@@ -350,10 +357,10 @@ def part_serve(args, work: Path, deadline: float) -> dict:
 
 
 def part_deadlines(t0: float, budget_s: float, parts: list[str], layers_share: float) -> dict:
-    """Each part's deadline: serve runs first and leaves layers_share of the budget to the
-    layers part, or takes the whole budget when the layers part is not run."""
-    serve_end = t0 + budget_s * (1 - layers_share if "layers" in parts else 1.0)
-    return dict(serve=serve_end, layers=t0 + budget_s)
+    """Each part's deadline: the kernel parts run first on a quiet GPU (the layers part stops
+    starting shapes after layers_share of the budget), then serve takes what is left of it."""
+    return dict(layers=t0 + budget_s * (layers_share if "serve" in parts else 1.0),
+                serve=t0 + budget_s)
 
 
 def _wrapper_lines(path: Path) -> list[str]:
@@ -408,11 +415,11 @@ def main() -> None:
     summary: dict = dict(python=sys.version.split()[0], started=time.strftime("%Y-%m-%d %H:%M:%S"))
     with_vllm_version(summary)
     parts = args.parts.split(",")
-    # serve first (its servers take the GPU for their lifetime), layers timed on a quiet GPU.
+    # kernels first, timed on a quiet GPU; then the servers, one at a time.
     deadlines = part_deadlines(t0, args.budget_s, parts, args.layers_share)
-    plan = [("serve", lambda: part_serve(args, args.work, deadlines["serve"])),
-            ("tune", lambda: part_tune(args, time.monotonic() + args.tune_s)),
-            ("layers", lambda: part_layers(args, deadlines["layers"]))]
+    plan = [("tune", lambda: part_tune(args, time.monotonic() + args.tune_s)),
+            ("layers", lambda: part_layers(args, deadlines["layers"])),
+            ("serve", lambda: part_serve(args, args.work, deadlines["serve"]))]
     for name, run in plan:
         if name not in parts:
             continue

@@ -98,8 +98,8 @@ class _Step:
 
 def _shrink_step(x, lora_as, has_scale, meta, variant=PLAIN, ws=None) -> _Step:
     """Writes ws [split_k, T, pieces * R] float32 partial sums of scaling * x @ a_i.T."""
-    # x: [T, K] row-major, lora_as[i]: [S, R, K]
-    num_tokens, hidden_in = x.shape
+    # x: [T, K] row-major (T <= meta.num_tokens), lora_as[i]: [S, R, K]
+    num_tokens, hidden_in = meta.num_tokens, x.shape[1]
     rank, pieces = lora_as[0].shape[1], len(lora_as)
     gpu, num_sms = launch.device_key(x.device)
     gpu = variant.config_name(gpu)
@@ -122,7 +122,7 @@ def _shrink_step(x, lora_as, has_scale, meta, variant=PLAIN, ws=None) -> _Step:
 def _expand_step(y, ws, lora_bs, offsets, meta, variant=PLAIN) -> _Step:
     """y[:, off_i : off_i + N_i] += sum_split(ws)[:, i*R:(i+1)*R] @ b_i.T."""
     # y: [T, width] row-major, ws: [split, T, pieces * R], lora_bs[i]: [S, N_i, R]
-    num_tokens = y.shape[0]
+    num_tokens = meta.num_tokens
     rank = lora_bs[0].shape[2]
     widths = [b.shape[1] for b in lora_bs]
     gpu, _ = launch.device_key(y.device)
@@ -142,7 +142,7 @@ def _expand_step(y, ws, lora_bs, offsets, meta, variant=PLAIN) -> _Step:
 def _fused_steps(y, x, lora_as, lora_bs, offsets, has_scale, meta, variant=PLAIN) -> list[_Step]:
     """One launch: per tile, split-K shrink into ws, per-tile barrier, split-N expand."""
     # y: [T, width], x: [T, K] row-major, lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
-    num_tokens, hidden_in = x.shape
+    num_tokens, hidden_in = meta.num_tokens, x.shape[1]
     rank, pieces = lora_as[0].shape[1], len(lora_as)
     widths = [b.shape[1] for b in lora_bs]
     gpu, num_sms = launch.device_key(x.device)
@@ -200,7 +200,7 @@ def _plan(y, x, lora_as, lora_bs, scaling, meta, fused=None, variant=None) -> Lo
     for b in lora_bs[:-1]:
         offsets.append(offsets[-1] + b.shape[1])
     gpu, _ = launch.device_key(x.device)
-    shape = (x.shape[0], meta.num_slots, lora_as[0].shape[1], x.shape[1])
+    shape = (meta.num_tokens, meta.num_slots, lora_as[0].shape[1], x.shape[1])
     if isinstance(variant, str):
         variant = launch.Variant.parse(variant)
     variant = variant or launch.pick_variant(gpu, *shape)
@@ -316,14 +316,24 @@ def add_lora_slices_planned(y, x, lora_a_slices, lora_b_slices, meta: LoraBatchM
     """add_lora_slices(y, x, lora_a_slices, lora_b_slices, meta.slot_ids, scaling, meta=meta)
     with add_lora_planned's caching: the first call of each signature on this meta is checked
     and planned, later calls only launch. The fused q/k/v and gate/up projections of an
-    engine that owns the metadata (a vLLM punica wrapper). Slices must be contiguous."""
+    engine that owns the metadata (a vLLM punica wrapper). Slices must be contiguous.
+
+    x and y may have fewer rows than the meta has tokens when the meta's tokens past them
+    are all slot -1 (a StepMeta prefix: the caller's contract, not checked on the device):
+    one plan then serves every row count up to meta.num_tokens, as an engine's eager steps
+    of varying size need (a plan and its workspace per distinct size would be rebuilt and
+    kept for each)."""
     # y: [T, sum N_i], x: [T, K], lora_a_slices[i]: [S, R, K], lora_b_slices[i]: [S, N_i, R]
     try:
-        key = (x.shape, x.stride(), y.shape, y.stride(), x.dtype, y.dtype, x.device, fused,
-               isinstance(scaling, torch.Tensor),
+        if x.shape[0] == 0:
+            return y
+        key = (x.shape[1:], x.stride(), y.shape[1:], y.stride(), x.dtype, y.dtype, x.device,
+               fused, isinstance(scaling, torch.Tensor),
                *((a.shape, a.stride(), a.dtype) for a in lora_a_slices),
                *((b.shape, b.stride(), b.dtype) for b in lora_b_slices))
         plan = meta.plans.get(key)
+        if plan is not None and x.shape[0] > meta.num_tokens:
+            plan = None  # more rows than the meta: the checks say so
     except (AttributeError, TypeError):  # not tensors or not a meta: the checks say what
         key = plan = None
     if plan is None:
@@ -339,8 +349,12 @@ def _checked_slices_plan(y, x, lora_as, lora_bs, meta, scaling, fused) -> LoraPl
     if not isinstance(meta, LoraBatchMeta):
         raise TypeError(f"meta must be a LoraBatchMeta from build_meta, got {type(meta)}")
     checks_slices(y, lora_as, lora_bs)
-    num_slots = _check_pieces(y, x, lora_as, lora_bs, meta.slot_ids, scaling)
-    _meta(meta, meta.slot_ids, x.shape[0], num_slots, x.device)
+    rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 2 else None
+    if rows is not None and rows > meta.num_tokens:
+        raise ValueError(f"x has {rows} rows, meta was built for {meta.num_tokens} tokens")
+    slot_ids = meta.slot_ids[:rows] if rows is not None else meta.slot_ids
+    num_slots = _check_pieces(y, x, lora_as, lora_bs, slot_ids, scaling)
+    _meta(meta, meta.slot_ids, meta.num_tokens, num_slots, x.device)
     if not all(t.is_contiguous() for t in [*lora_as, *lora_bs]):
         raise ValueError("add_lora_slices_planned needs contiguous lora_a and lora_b slices")
     x_rm, y_rm = _row_major(x, "x"), _row_major(y, "y")

@@ -22,11 +22,11 @@ def test_backends_split_the_time_left_evenly():
     assert punica_gpu.backend_deadline(600.0, 500.0, backends_left=1) == 600.0  # past it
 
 
-def test_serve_takes_the_whole_budget_without_the_layers_part():
+def test_kernel_parts_first_then_serve_takes_the_rest():
     both = punica_gpu.part_deadlines(0.0, 470.0, ["layers", "serve"], layers_share=0.3)
-    assert both == {"serve": 470.0 * 0.7, "layers": 470.0}
-    alone = punica_gpu.part_deadlines(0.0, 470.0, ["serve"], layers_share=0.3)
-    assert alone["serve"] == 470.0
+    assert both == {"layers": 470.0 * 0.3, "serve": 470.0}
+    alone = punica_gpu.part_deadlines(0.0, 470.0, ["layers"], layers_share=0.3)
+    assert alone["layers"] == 470.0
 
 
 def test_tune_candidates_are_tables_the_launch_rules_read(tmp_path, monkeypatch):

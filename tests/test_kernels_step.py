@@ -90,3 +90,43 @@ def test_planned_slices_check_their_inputs():
     with pytest.raises(ValueError, match="contiguous"):
         kernels.add_lora_slices_planned(y, x, [a.transpose(1, 2).contiguous().transpose(1, 2)
                                                for a in lora_as], lora_bs, meta)
+
+
+def _meaningful(meta, step):
+    """What the kernels read of a meta: ids, grouping, per tile its slot and (for used tiles)
+    its start, and the record rows."""
+    out = {name: getattr(meta, name).cpu().tolist()
+           for name in ("slot_ids", "sorted_tokens", "slot_start", "slot_len", "slot_end")}
+    for block_m, (tile_slot, tile_start) in meta.tiles.items():
+        used = tile_slot >= 0
+        out[("tiles", block_m)] = (tile_slot.cpu().tolist(), tile_start[used].cpu().tolist())
+    for block_m, rec in meta.records.items():
+        out[("records", block_m)] = rec.cpu().tolist()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_host_grouping_equals_build_meta_step_after_step(seed):
+    """Slot ids given as host data are grouped on the host (one copy per step); over a run of
+    steps that grow, shrink, empty and fill the buffers, what the kernels read equals
+    build_meta's grouping of the same ids, and the addresses never move."""
+    gen = torch.Generator().manual_seed(seed)
+    host_step, device_step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE), StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
+    addresses = [t.data_ptr() for _, t in host_step._entries()]
+    for n in (13, 48, 0, 5, 31, 1, 48, 2):
+        ids = torch.randint(-1, NUM_SLOTS, (n,), generator=gen, dtype=torch.int32)
+        if seed % 2:  # runs of one adapter, as requests lay tokens out
+            ids = torch.sort(ids).values
+        host_step.update(ids.tolist())
+        device_step._update_on_device(ids.to(DEVICE))
+        assert _meaningful(host_step.meta, host_step) == _meaningful(device_step.meta, device_step)
+        assert host_step.num_tokens == device_step.num_tokens == n
+    assert addresses == [t.data_ptr() for _, t in host_step._entries()]
+
+
+def test_host_grouping_rejects_out_of_range_slots():
+    step = StepMeta(8, 2, DEVICE)
+    with pytest.raises(ValueError, match=r"slot ids must lie in \[-1, 2\)"):
+        step.update([0, 2])
+    with pytest.raises(ValueError, match="step has 9 tokens, buffers hold 8"):
+        step.update([0] * 9)

@@ -20,7 +20,7 @@ require_module("vllm", module_level=True)
 import torch  # noqa: E402
 
 from server.engines.vllm import cpu_lora_fix, punica_plugin  # noqa: E402
-from server.engines.vllm.punica import LoramixPunicaWrapperCPU, single_slot  # noqa: E402
+from server.engines.vllm.punica import LoramixPunicaWrapperCPU, host_slots, single_slot  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -207,10 +207,20 @@ def test_padded_rows_and_unsupported_calls():
 
 
 def test_single_slot_is_read_from_host_mapping():
-    assert single_slot((3,) * 8, LORA_INDEX_TO_ID, 8) == 1
-    assert single_slot((3,) * 7, LORA_INDEX_TO_ID, 8) is None  # too few tokens
-    assert single_slot((3,) * 7 + (0,), LORA_INDEX_TO_ID, 8) is None  # a token without adapter
-    assert single_slot((3,) * 7 + (5,), LORA_INDEX_TO_ID, 8) is None  # two adapters
+    slots = lambda ids: host_slots(ids, LORA_INDEX_TO_ID)  # noqa: E731
+    assert single_slot(slots((3,) * 8), 8) == 1
+    assert single_slot(slots((3,) * 7), 8) is None  # too few tokens
+    assert single_slot(slots((3,) * 7 + (0,)), 8) is None  # a token without adapter
+    assert single_slot(slots((3,) * 7 + (5,)), 8) is None  # two adapters
+    assert single_slot(slots((0,) * 8), 8) is None  # no adapter at all
+
+
+def test_host_slots_follow_vllms_convert_mapping():
+    """vLLM's rule (punica_wrapper.utils.convert_mapping): id > 0 -> its index, else -1."""
+    ids = (3, 0, 5, 5, 7, 0, 3)
+    assert host_slots(ids, LORA_INDEX_TO_ID).tolist() == [
+        LORA_INDEX_TO_ID.index(i) if i > 0 else -1 for i in ids]
+    assert host_slots((), LORA_INDEX_TO_ID).tolist() == []
 
 
 def test_plugin_points_the_platform_at_loramix(monkeypatch):

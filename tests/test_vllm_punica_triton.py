@@ -73,7 +73,43 @@ def test_linear_planned_matches_vllm(step, slices):
     assert torch.equal(y_ours[num_tokens:], y0[num_tokens:])  # padding rows: slot -1
     ours.add_lora_linear(y0.clone(), x, lora_a, lora_b, 1.0, widths)  # second call: the plan
     assert ours.calls == {"linear:loramix": 2}
-    assert len(ours.token_step.for_tokens(x.shape[0]).plans) == 1
+    bucket = max(16, 1 << (x.shape[0] - 1).bit_length())  # eager calls plan per power of two
+    assert len(ours.token_step.for_tokens(bucket).plans) == 1
+
+
+def test_eager_steps_of_every_size_share_one_plan_per_power_of_two():
+    """vLLM's eager steps (over its largest graph size) and logits come in every row count:
+    the planned ops round the meta up to a power of two, so steps of 17..32 rows share one
+    plan and workspace, and each result equals vLLM's on its own rows."""
+    from vllm.config import LoRAConfig
+    from vllm.lora.layers import LoRAMapping
+
+    gen = torch.Generator().manual_seed(5)
+    widths = SLICES["qkv"]
+    lora_a = tuple(_stacked(gen, 16, HIDDEN, torch.bfloat16) for _ in widths)
+    lora_b = tuple(_stacked(gen, w, 16, torch.bfloat16) for w in widths)
+    config = LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16)
+    ours = TritonWrapperOnCpu(MAX_TOKENS, 8, "cpu", lora_config=config)
+    vllm = PunicaWrapperCPU(MAX_TOKENS, 8, "cpu", lora_config=config)
+    for num_tokens in (17, 29, 32, 23):
+        cut = sorted(torch.randperm(num_tokens - 1, generator=gen)[:3].add(1).tolist())
+        lengths = [b - a for a, b in zip([0, *cut], [*cut, num_tokens])]  # 4 requests
+        requests = (7, 0, 3, 5)
+        ids = [lora_id for lora_id, n in zip(requests, lengths) for _ in range(n)]
+        mapping = LoRAMapping(ids, requests, is_prefill=True)
+        for wrapper in (ours, vllm):
+            wrapper.update_metadata(mapping, LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+        x = torch.randn(num_tokens, HIDDEN, generator=gen).bfloat16()
+        y0 = torch.randn(num_tokens, sum(widths), generator=gen).bfloat16()
+        y_ours, y_vllm = y0.clone(), y0.clone()
+        ours.add_lora_linear(y_ours, x, lora_a, lora_b, 1.0, widths)
+        vllm.add_lora_linear(y_vllm, x, lora_a, lora_b, 1.0, widths)
+        torch.testing.assert_close(y_ours, y_vllm, **BF16)
+        idle = torch.tensor(ids) == 0
+        assert torch.equal(y_ours[idle], y0[idle])
+    assert ours.calls == {"linear:loramix": 4}
+    assert len(ours.token_step.for_tokens(32).plans) == 1
+    assert set(ours.token_step._prefixes) == {32}
 
 
 def test_single_adapter_prefill_takes_the_dense_path(monkeypatch):

@@ -8,8 +8,9 @@ back to vLLM's own wrapper, call by call, where ours do not apply (another dtype
 shape the kernels do not take, vLLM's dual-stream `add_inputs=False`); `calls` counts
 which path served each op.
 
-Metadata: update_metadata (outside the forward pass and outside CUDA graphs, where vLLM
-itself syncs with the host) refills a kernels.step.StepMeta for the tokens, at fixed
+Metadata: update_metadata (outside the forward pass and outside CUDA graphs) refills a
+kernels.step.StepMeta for the tokens from vLLM's host-side mapping (grouped on the host, one
+copy; a step without adapter tokens after another such step refills nothing), at fixed
 addresses sized by max_num_batched_tokens (the one for the sampled rows is refilled by the
 step's first logits call: vLLM 0.26-0.32 put no LoRA on the logits, so most steps skip it); a layer call on n rows
 (the step's tokens plus CUDA-graph padding, slot -1) uses the prefix meta of n rows. The
@@ -42,6 +43,7 @@ import logging
 import os
 import weakref
 
+import numpy as np
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
@@ -99,16 +101,25 @@ def _slots(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], t.shape[-2], t.shape[-1]) if t.dim() == 4 else t
 
 
-def single_slot(index_mapping, lora_index_to_id, min_tokens: int) -> int | None:
-    """The slot of the one adapter every token of a step uses, if the step has >= min_tokens
-    tokens and one adapter covers them all; else None. Host data only (vLLM's LoRAMapping)."""
-    if len(index_mapping) < min_tokens:
+def host_slots(lora_ids, lora_index_to_id) -> np.ndarray:
+    """vLLM's per-token (or per-request) LoRA ids as slot indices, -1 = no adapter, on the
+    host (vLLM's convert_mapping rule: id > 0 -> its index in lora_index_to_id)."""
+    ids = np.fromiter(lora_ids, dtype=np.int64, count=len(lora_ids))
+    if not ids.size:
+        return ids.astype(np.int32)
+    slot_of = {lora_id: slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id}
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    slots = np.array([slot_of.get(int(i), -1) if i > 0 else -1 for i in distinct], np.int32)
+    return slots[inverse.reshape(-1)]
+
+
+def single_slot(slots: np.ndarray, min_tokens: int) -> int | None:
+    """The one slot every token of a step uses (host slot ids), if the step has >= min_tokens
+    tokens; else None."""
+    if slots.size < min_tokens or not slots.size:
         return None
-    ids = set(index_mapping)
-    if len(ids) != 1:
-        return None
-    (lora_id,) = ids
-    return lora_index_to_id.index(lora_id) if lora_id > 0 and lora_id in lora_index_to_id else None
+    slot = int(slots[0])
+    return slot if slot >= 0 and bool((slots == slot).all()) else None
 
 
 class _LoramixPunica:
@@ -122,6 +133,8 @@ class _LoramixPunica:
         self.sampler_step = StepMeta(max_num_batched_tokens, num_slots, device)
         self.dense_slot: int | None = None
         self.no_lora = False  # the step has no token (nor sampled row) with an adapter
+        self._meta_empty = False  # token_step holds a step without adapter tokens
+        self._prompt_slots = np.zeros(0, dtype=np.int32)
         self._sampler_stale = True
         self.calls: collections.Counter[str] = collections.Counter()
         self.wrapper_id = next(_NEXT_ID)
@@ -129,10 +142,15 @@ class _LoramixPunica:
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self.token_step.update(self.token_lora_indices)
+        token_slots = host_slots(mapping.index_mapping, lora_index_to_id)
+        self._prompt_slots = host_slots(mapping.prompt_mapping, lora_index_to_id)
+        self.no_lora = not (token_slots.size and token_slots.max() >= 0) and not (
+            self._prompt_slots.size and self._prompt_slots.max() >= 0)
+        if not (self.no_lora and self._meta_empty):  # a step without adapter reads no meta
+            self.token_step.update(token_slots)
+            self._meta_empty = self.no_lora
         self._sampler_stale = True  # refilled by the step's first logits call, if any
-        self.no_lora = not any(i > 0 for i in (*mapping.index_mapping, *mapping.prompt_mapping))
-        self.dense_slot = (single_slot(mapping.index_mapping, lora_index_to_id, DENSE_MIN_TOKENS)
+        self.dense_slot = (single_slot(token_slots, DENSE_MIN_TOKENS)
                            if self.backend == "triton" else None)
 
     # vLLM's entry points: each becomes one loramix::punica call.
@@ -184,10 +202,11 @@ class _LoramixPunica:
             return
         lora_as, lora_bs = [_slots(a) for a in lora_a], [_slots(b) for b in lora_b]
         if op == "logits" and self._sampler_stale:  # logits run outside CUDA graphs
-            self.sampler_step.update(self.sampler_indices)
+            self.sampler_step.update(self._prompt_slots)
             self._sampler_stale = False
         rows = x.shape[-2] if op == "expand" else x.view(-1, x.shape[-1]).shape[0]
-        meta = (self.sampler_step if op == "logits" else self.token_step).for_tokens(rows)
+        step = self.sampler_step if op == "logits" else self.token_step
+        meta = step.for_tokens(self._planned_rows(op, rows, x, step.max_num_tokens))
         if meta is not None and self._supported(op, y, x, lora_as, lora_bs, output_slices):
             path = getattr(self, f"_{op}")(y, x, lora_as, lora_bs, scale, output_slices,
                                            offset_start, meta)
@@ -195,6 +214,19 @@ class _LoramixPunica:
             return
         self._count(op, "vllm")
         self._vllm_op(op, y, x, lora_a, lora_b, scale, output_slices, offset_start)
+
+    def _planned_rows(self, op: str, rows: int, x: torch.Tensor, max_rows: int) -> int:
+        """The meta size a call on `rows` rows plans for. A CUDA graph being captured keeps
+        its own size (its plan is replayed with it). Eager calls (vLLM's steps over its
+        largest graph size, the logits of a step's sampled rows) come in every size, so the
+        planned ops round up to a power of two: a handful of plans per signature instead of
+        one per size, each checked, planned and given its own workspace (the first H200
+        serving run paid that at nearly every prefill step)."""
+        if self.backend != "triton" or op not in ("linear", "logits"):
+            return rows
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return rows
+        return min(max_rows, max(16, 1 << (rows - 1).bit_length()))
 
     def _count(self, op: str, path: str) -> None:
         key = f"{op}:{path}"
