@@ -164,3 +164,30 @@ def test_logits_shrink_expand_embedding_match_vllm():
     torch.testing.assert_close(outs[0], outs[1], **BF16)
     assert ours.calls == {"logits:loramix": 1, "shrink:loramix": 1, "expand:loramix": 1,
                           "embedding:loramix": 1}
+
+
+def test_eager_call_compiles_the_smaller_sizes_ahead(monkeypatch):
+    """The first eager call of a layer (vLLM's profile run: its largest batch) runs the
+    kernels of every smaller power-of-two size once, on scratch rows, so serving compiles
+    nothing; the call's own result is vLLM's, and a later call does not warm again."""
+    import kernels as kernels_module
+
+    sizes = []
+    real = kernels_module.add_lora_slices_planned
+
+    def spy(y, x, lora_as, lora_bs, meta, scaling=1.0, **kwargs):
+        sizes.append((meta.num_tokens, x.shape[0]))
+        return real(y, x, lora_as, lora_bs, meta, scaling, **kwargs)
+
+    monkeypatch.setattr(punica.kernels, "add_lora_slices_planned", spy)
+    widths = SLICES["gate_up"]
+    ours, vllm, x, lora_a, lora_b, y0 = _linear_pair("prefill", widths, pad=40, seed=3)
+    y_ours, y_vllm = y0.clone(), y0.clone()
+    num_tokens = ours.token_step.num_tokens
+    ours.add_lora_linear(y_ours, x, lora_a, lora_b, 1.0, widths)
+    vllm.add_lora_linear(y_vllm[:num_tokens], x[:num_tokens], lora_a, lora_b, 1.0, widths)
+    torch.testing.assert_close(y_ours, y_vllm, **BF16)
+    assert torch.equal(y_ours[num_tokens:], y0[num_tokens:])
+    assert x.shape[0] == 63 and sizes == [(16, 16), (32, 16), (64, 63)]
+    ours.add_lora_linear(y0.clone(), x, lora_a, lora_b, 1.0, widths)
+    assert sizes[3:] == [(64, 63)]

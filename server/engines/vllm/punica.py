@@ -135,6 +135,7 @@ class _LoramixPunica:
         self.no_lora = False  # the step has no token (nor sampled row) with an adapter
         self._meta_empty = False  # token_step holds a step without adapter tokens
         self._prompt_slots = np.zeros(0, dtype=np.int32)
+        self._warmed: dict[tuple, int] = {}  # layer signature -> largest size compiled ahead
         self._sampler_stale = True
         self.calls: collections.Counter[str] = collections.Counter()
         self.wrapper_id = next(_NEXT_ID)
@@ -316,10 +317,37 @@ class _LoramixPunica:
 
     def _add_slices(self, y, x, lora_as, lora_bs, scale, meta) -> None:
         if self.backend == "triton":
+            self._warm_up(y, x, lora_as, lora_bs, scale)
             kernels.add_lora_slices_planned(y, x, lora_as, lora_bs, meta, scale)
         else:
             kernels.add_lora_slices(y, x, lora_as, lora_bs, meta.slot_ids, scale, meta=meta,
                                     backend="torch")
+
+    def _warm_up(self, y, x, lora_as, lora_bs, scale) -> None:
+        """Compile the kernels of every power-of-two size below this eager call's rows, once
+        per layer signature. vLLM's profile run calls each LoRA layer with its largest batch
+        before serving; without this, Triton compiled the launch configs of the other sizes
+        while serving (vLLM's JIT monitor flagged shrink_kernel and expand_kernel in the
+        first H200 runs: a stall for every request in flight). Each size runs once on 16
+        scratch rows, with a meta of that size whose other tokens have no adapter: the
+        launch config and the compiled kernels are the size's own, the memory is not."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        key = (x.shape[1], x.stride(0), y.shape[1], y.stride(0), x.dtype, y.dtype,
+               *(a.shape for a in lora_as), *(b.shape for b in lora_bs))
+        done = self._warmed.get(key, 0)
+        sizes = [16 << i for i in range(24) if done < 16 << i < x.shape[0]]
+        if not sizes:
+            return
+        self._warmed[key] = sizes[-1]
+        rows = min(16, x.shape[0])
+        warm = StepMeta(sizes[-1], self.num_slots, x.device)
+        warm.update(np.arange(rows) % self.num_slots)
+        scratch = torch.zeros((rows - 1) * y.stride(0) + y.shape[1], dtype=y.dtype, device=y.device)
+        scratch = scratch.as_strided((rows, y.shape[1]), y.stride())
+        for size in sizes:
+            kernels.add_lora_slices_planned(scratch, x[:rows], lora_as, lora_bs,
+                                            warm.for_tokens(size), scale)
 
     def _dense_applies(self, x: torch.Tensor) -> bool:
         return (self.dense_slot is not None and x.shape[0] >= DENSE_MIN_TOKENS
