@@ -15,9 +15,9 @@ def test_serve_loads_put_the_targets_first_and_cover_the_grid():
     assert dict((case, models) for case, models, _ in loads)["8 adapters"] == list("abcdefgh")
 
 
-def test_backends_split_the_time_left_evenly():
+def test_the_cold_first_server_gets_the_larger_share():
     first = punica_gpu.backend_deadline(100.0, 500.0, backends_left=2)
-    assert first == 300.0
+    assert first == 100.0 + 400.0 * punica_gpu.FIRST_SERVER_SHARE
     assert punica_gpu.backend_deadline(260.0, 500.0, backends_left=1) == 500.0  # early finish
     assert punica_gpu.backend_deadline(600.0, 500.0, backends_left=1) == 600.0  # past it
 

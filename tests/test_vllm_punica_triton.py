@@ -123,6 +123,18 @@ def test_single_adapter_prefill_takes_the_dense_path(monkeypatch):
     vllm.add_lora_linear(y_vllm, x, lora_a, lora_b, 0.5, widths)
     torch.testing.assert_close(y_ours, y_vllm, **BF16)
     assert ours.calls == {"linear:dense": 1}
+    # The joined q/k/v A of the slot is kept, and dropped once the slot is loaded anew (vLLM
+    # copies a new adapter into the stacked weights in place).
+    slot = ours.dense_slot
+    assert len(ours._joined_a._joined) == 1
+    for a, fresh in zip(lora_a, (_stacked(torch.Generator().manual_seed(9), 16, HIDDEN,
+                                          torch.bfloat16) for _ in widths)):
+        a[slot].copy_(fresh[slot])
+    y_ours, y_vllm = y0.clone(), y0.clone()
+    ours.add_lora_linear(y_ours, x, lora_a, lora_b, 0.5, widths)
+    vllm.add_lora_linear(y_vllm, x, lora_a, lora_b, 0.5, widths)
+    torch.testing.assert_close(y_ours, y_vllm, **BF16)
+    assert len(ours._joined_a._joined) == 2 and ours.calls == {"linear:dense": 2}
 
 
 def test_logits_shrink_expand_embedding_match_vllm():

@@ -136,6 +136,7 @@ class _LoramixPunica:
         self._meta_empty = False  # token_step holds a step without adapter tokens
         self._prompt_slots = np.zeros(0, dtype=np.int32)
         self._warmed: dict[tuple, int] = {}  # layer signature -> largest size compiled ahead
+        self._joined_a = _JoinedA()
         self._sampler_stale = True
         self.calls: collections.Counter[str] = collections.Counter()
         self.wrapper_id = next(_NEXT_ID)
@@ -281,7 +282,8 @@ class _LoramixPunica:
     def _linear(self, y, x, lora_as, lora_bs, scale, output_slices, offset_start, meta) -> str:
         y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
         if self._dense_applies(x2):
-            _dense_lora(y2, x2, lora_as, lora_bs, scale, self.dense_slot, self.token_step.num_tokens)
+            _dense_lora(y2, x2, lora_as, lora_bs, scale, self.dense_slot,
+                        self.token_step.num_tokens, self._joined_a)
             return "dense"
         self._add_slices(y2, x2, lora_as, lora_bs, scale, meta)
         return "loramix"
@@ -354,12 +356,35 @@ class _LoramixPunica:
                 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
-def _dense_lora(y, x, lora_as, lora_bs, scale, slot: int, num_tokens: int) -> None:
+class _JoinedA:
+    """The A slices of one slot stacked into one [num_slices * R, K] matrix for the dense
+    path's single shrink, kept between calls while the slot's weights are unchanged: keyed
+    by the slices' addresses and version counters (vLLM loads and clears a slot in place,
+    which bumps them), so the per-call torch.cat of q/k/v is made once per loaded adapter."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._joined: dict[tuple, torch.Tensor] = {}
+
+    def get(self, lora_as: list[torch.Tensor], slot: int) -> torch.Tensor:
+        if len(lora_as) == 1:
+            return lora_as[0][slot]
+        key = (slot, *((a.data_ptr(), a._version) for a in lora_as))
+        joined = self._joined.get(key)
+        if joined is None:
+            if len(self._joined) >= self.max_entries:
+                self._joined.clear()
+            joined = self._joined[key] = torch.cat([a[slot] for a in lora_as])
+        return joined
+
+
+def _dense_lora(y, x, lora_as, lora_bs, scale, slot: int, num_tokens: int,
+                joined: _JoinedA) -> None:
     """y[:n, slice i] += scale * (x[:n] @ A_i[slot].T) @ B_i[slot].T with two cuBLAS matmuls
     (one shrink for all slices); the rank-space product is kept in x's dtype."""
     # y: [T, sum N_i], x: [T, K], lora_as[i]: [S, R, K], lora_bs[i]: [S, N_i, R]
     rows = slice(0, num_tokens)
-    a = lora_as[0][slot] if len(lora_as) == 1 else torch.cat([a[slot] for a in lora_as])
+    a = joined.get(lora_as, slot)
     buf = x[rows] @ a.T  # [n, num_slices * R]
     rank, offset = lora_as[0].shape[1], 0
     for i, lora_b in enumerate(lora_bs):
