@@ -9,8 +9,9 @@ the same tensors and the plans kept in each prefix (triton_ops) stay valid.
 
 The refill is computed on the host when the slot ids are host data (what an engine has: vLLM
 keeps its LoRA mapping as Python lists): the tensors the kernels read are views of one packed
-device buffer, mirrored by a host buffer (pinned, two of them taking turns on CUDA), and one
-step writes only the head its tokens reach, then issues one copy. Building them on the device
+device buffer, mirrored by a host buffer (pinned, two of them taking turns on CUDA; on CPU the
+buffer is its own mirror), and one step writes only the head its tokens reach, then issues one
+copy. Building them on the device
 instead (build_meta) costs ~60 small launches per step, which the first H200 serving run paid
 on every decode step, base-model steps included. Device slot ids take that path still.
 Entries past a step's tiles are the same as build_meta's where the kernels read them (slot -1,
@@ -58,9 +59,10 @@ class StepMeta:
         device = self.meta.device
         total = sum(t.numel() for _, t in entries)
         self._packed = torch.empty(total, dtype=torch.int32, device=device)
-        pin = device.type == "cuda"
-        self._host = [torch.empty(total, dtype=torch.int32, pin_memory=pin)
-                      for _ in range(2 if pin else 1)]
+        if device.type == "cuda":  # two pinned mirrors, each copied over while the other fills
+            self._host = [torch.empty(total, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        else:  # host memory already: the buffer is its own mirror, nothing to copy
+            self._host = [self._packed]
         self._events: list[torch.cuda.Event | None] = [None] * len(self._host)
         self._turn = 0
         self._offsets: dict[object, tuple[int, tuple[int, ...]]] = {}
@@ -72,7 +74,8 @@ class StepMeta:
             self._offsets[key] = (offset, tuple(tensor.shape))
             offset += tensor.numel()
         for host in self._host:
-            host.copy_(self._packed.cpu())
+            if host is not self._packed:
+                host.copy_(self._packed.cpu())
         meta = self.meta
         for name in _FIELDS:
             setattr(meta, name, views[name])
@@ -104,7 +107,8 @@ class StepMeta:
         if self._events[turn] is not None:
             self._events[turn].synchronize()  # this mirror's last copy (two steps ago) is done
         self._fill(self._arrays[turn], self._heads[turn], ids)
-        self._packed.copy_(self._host[turn], non_blocking=True)
+        if self._host[turn] is not self._packed:
+            self._packed.copy_(self._host[turn], non_blocking=True)
         if len(self._host) == 2:
             self._events[turn] = torch.cuda.Event()
             self._events[turn].record()
@@ -127,6 +131,8 @@ class StepMeta:
         ids[num_tokens:].fill_(-1)
         build_meta(ids, self.num_slots, out=self.meta, check=False)
         self.num_tokens = num_tokens
+        if self._host[0] is self._packed:  # the mirror was written: its heads are unknown
+            self._heads[0] = {key: shape[0] for key, (_, shape) in self._offsets.items()}
 
     def _fill(self, arrays: dict, head: dict, ids: np.ndarray) -> None:
         """Write a step's grouping into a host mirror: each array's head up to the larger of

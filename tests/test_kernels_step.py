@@ -124,6 +124,21 @@ def test_host_grouping_equals_build_meta_step_after_step(seed):
     assert addresses == [t.data_ptr() for _, t in host_step._entries()]
 
 
+def test_host_steps_after_a_device_step_leave_nothing_stale():
+    """A step grouped on the device (build_meta) between host steps: the next, shorter host
+    step still equals build_meta's grouping (on CPU the buffer is its own host mirror)."""
+    gen = torch.Generator().manual_seed(11)
+    mixed, reference_step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE), StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
+    for n, on_device in ((9, False), (40, True), (6, False), (30, True), (0, False)):
+        ids = torch.randint(-1, NUM_SLOTS, (n,), generator=gen, dtype=torch.int32)
+        if on_device:
+            mixed._update_on_device(ids.to(DEVICE))
+        else:
+            mixed.update(ids.numpy())
+        reference_step._update_on_device(ids.to(DEVICE))
+        assert _meaningful(mixed.meta, mixed) == _meaningful(reference_step.meta, reference_step)
+
+
 def test_host_grouping_rejects_out_of_range_slots():
     step = StepMeta(8, 2, DEVICE)
     with pytest.raises(ValueError, match=r"slot ids must lie in \[-1, 2\)"):

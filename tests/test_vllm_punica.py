@@ -221,6 +221,9 @@ def test_host_slots_follow_vllms_convert_mapping():
     assert host_slots(ids, LORA_INDEX_TO_ID).tolist() == [
         LORA_INDEX_TO_ID.index(i) if i > 0 else -1 for i in ids]
     assert host_slots((), LORA_INDEX_TO_ID).tolist() == []
+    long = ids * 50  # a prefill's mapping takes the numpy path
+    assert host_slots(long, LORA_INDEX_TO_ID).tolist() == [
+        LORA_INDEX_TO_ID.index(i) if i > 0 else -1 for i in long]
 
 
 def test_plugin_points_the_platform_at_loramix(monkeypatch):

@@ -104,10 +104,10 @@ def _slots(t: torch.Tensor) -> torch.Tensor:
 def host_slots(lora_ids, lora_index_to_id) -> np.ndarray:
     """vLLM's per-token (or per-request) LoRA ids as slot indices, -1 = no adapter, on the
     host (vLLM's convert_mapping rule: id > 0 -> its index in lora_index_to_id)."""
-    ids = np.fromiter(lora_ids, dtype=np.int64, count=len(lora_ids))
-    if not ids.size:
-        return ids.astype(np.int32)
     slot_of = {lora_id: slot for slot, lora_id in enumerate(lora_index_to_id) if lora_id}
+    if len(lora_ids) <= 256:  # decode-sized: a list pass beats numpy's per-call overhead
+        return np.array([slot_of.get(i, -1) if i > 0 else -1 for i in lora_ids], np.int32)
+    ids = np.fromiter(lora_ids, dtype=np.int64, count=len(lora_ids))
     distinct, inverse = np.unique(ids, return_inverse=True)
     slots = np.array([slot_of.get(int(i), -1) if i > 0 else -1 for i in distinct], np.int32)
     return slots[inverse.reshape(-1)]
