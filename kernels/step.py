@@ -11,9 +11,10 @@ The refill is computed on the host when the slot ids are host data (what an engi
 keeps its LoRA mapping as Python lists): the tensors the kernels read are views of one packed
 device buffer, mirrored by a host buffer (pinned, two of them taking turns on CUDA; on CPU the
 buffer is its own mirror), and one step writes only the head its tokens reach, then issues one
-copy. Building them on the device
-instead (build_meta) costs ~60 small launches per step, which the first H200 serving run paid
-on every decode step, base-model steps included. Device slot ids take that path still.
+copy; a step with the same slot ids as the last one (decode steps of the same requests)
+sends nothing. Building them on the device instead (build_meta) costs ~60 small launches per
+step, which the first H200 serving run paid on every decode step, base-model steps included.
+Device slot ids take that path still.
 Entries past a step's tiles are the same as build_meta's where the kernels read them (slot -1,
 token -1); the unused tiles' start positions are 0 (build_meta's are never read).
 """
@@ -85,6 +86,8 @@ class StepMeta:
         self._arrays = [{key: host.numpy()[off:off + int(np.prod(shape))].reshape(shape)
                          for key, (off, shape) in self._offsets.items()} for host in self._host]
         self._heads = [dict.fromkeys(self._offsets, 0) for _ in self._host]
+        self._last: np.ndarray | None = None  # the slot ids the buffer holds, if host-grouped
+        self._packed_block_ms = (len(meta.tiles), len(meta.records))
         self._block_ms = sorted({key[1] for key in self._offsets if isinstance(key, tuple)})
 
     def update(self, slot_ids) -> None:
@@ -103,6 +106,8 @@ class StepMeta:
         if self._extra_block_ms():
             self._update_on_device(torch.from_numpy(ids).to(self.meta.device))
             return
+        if self._last is not None and np.array_equal(ids, self._last):
+            return  # the buffer holds this grouping already (decode steps of the same requests)
         turn = self._turn
         if self._events[turn] is not None:
             self._events[turn].synchronize()  # this mirror's last copy (two steps ago) is done
@@ -114,6 +119,7 @@ class StepMeta:
             self._events[turn].record()
             self._turn = 1 - turn
         self.num_tokens = ids.size
+        self._last = ids.copy()
 
     def _check(self, num_tokens: int) -> None:
         if num_tokens > self.max_num_tokens:
@@ -121,7 +127,7 @@ class StepMeta:
 
     def _extra_block_ms(self) -> bool:
         """Tiles or records made after packing (a plan's own block_m): not in the buffer."""
-        return any(key not in self._offsets for key, _ in self._entries())
+        return (len(self.meta.tiles), len(self.meta.records)) != self._packed_block_ms
 
     def _update_on_device(self, slot_ids: torch.Tensor) -> None:
         num_tokens = slot_ids.numel()
@@ -131,6 +137,7 @@ class StepMeta:
         ids[num_tokens:].fill_(-1)
         build_meta(ids, self.num_slots, out=self.meta, check=False)
         self.num_tokens = num_tokens
+        self._last = None
         if self._host[0] is self._packed:  # the mirror was written: its heads are unknown
             self._heads[0] = {key: shape[0] for key, (_, shape) in self._offsets.items()}
 

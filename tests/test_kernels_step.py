@@ -113,8 +113,12 @@ def test_host_grouping_equals_build_meta_step_after_step(seed):
     gen = torch.Generator().manual_seed(seed)
     host_step, device_step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE), StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
     addresses = [t.data_ptr() for _, t in host_step._entries()]
-    for n in (13, 48, 0, 5, 31, 1, 48, 2):
+    previous = None
+    for n in (13, 48, 48, 0, 5, 5, 31, 1, 48, 2):
         ids = torch.randint(-1, NUM_SLOTS, (n,), generator=gen, dtype=torch.int32)
+        if previous is not None and n == previous.numel() and n % 2 == 0:
+            ids = previous.clone()  # a decode step of the same requests: nothing to send
+        previous = ids
         if seed % 2:  # runs of one adapter, as requests lay tokens out
             ids = torch.sort(ids).values
         host_step.update(ids.tolist())
@@ -137,6 +141,21 @@ def test_host_steps_after_a_device_step_leave_nothing_stale():
             mixed.update(ids.numpy())
         reference_step._update_on_device(ids.to(DEVICE))
         assert _meaningful(mixed.meta, mixed) == _meaningful(reference_step.meta, reference_step)
+
+
+def test_a_block_size_made_after_packing_is_refilled_too():
+    """A plan that asks for a block size the buffer was not packed with gets its own tensors
+    (LoraBatchMeta.tile_map): later steps refill those as well (through build_meta)."""
+    gen = torch.Generator().manual_seed(12)
+    step, reference_step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE), StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
+    step.update([0, 1, 1, -1])
+    step.meta.tile_map(8), step.meta.tile_records(8)
+    reference_step.meta.tile_map(8), reference_step.meta.tile_records(8)
+    for n in (20, 7):
+        ids = torch.randint(-1, NUM_SLOTS, (n,), generator=gen, dtype=torch.int32)
+        step.update(ids.tolist())
+        reference_step._update_on_device(ids.to(DEVICE))
+        assert _meaningful(step.meta, step) == _meaningful(reference_step.meta, reference_step)
 
 
 def test_host_grouping_rejects_out_of_range_slots():
