@@ -10,7 +10,8 @@ which path served each op.
 
 Metadata: update_metadata (outside the forward pass and outside CUDA graphs) refills a
 kernels.step.StepMeta for the tokens from vLLM's host-side mapping (grouped on the host, one
-copy; a step without adapter tokens after another such step refills nothing), at fixed
+copy; a step with the last step's slot ids, or without adapter tokens after another such
+step, refills nothing), at fixed
 addresses sized by max_num_batched_tokens (the one for the sampled rows is refilled by the
 step's first logits call: vLLM 0.26-0.32 put no LoRA on the logits, so most steps skip it); a layer call on n rows
 (the step's tokens plus CUDA-graph padding, slot -1) uses the prefix meta of n rows. The
@@ -63,7 +64,7 @@ _NEXT_ID = itertools.count()
 
 # Registered with torch.library.Library directly, as vLLM registers its own ops
 # (direct_register_custom_op): the torch.library.custom_op decorator's dispatch costs ~10x
-# more host time per call (113 against 12 us on this repo's CI CPU, tests/test_vllm_punica.py),
+# more host time per call (106 against 11.5 us on this repo's CI CPU, bench/punica_host.py),
 # paid by every LoRA layer of every step vLLM runs without a CUDA graph (prefill over its
 # largest capture size).
 _SCHEMA = ("punica(Tensor(a0!) y, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float scale, "
