@@ -237,13 +237,14 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> 
     return Server(cmd, port, work / f"server-{kernels}.log", env=env, ready_s=ready_s)
 
 
-def bench_load(server, work: Path, kernels: str, models: list[str], concurrency: int, args) -> dict:
+def bench_load(server, work: Path, kernels: str, models: list[str], concurrency: int, args,
+               waves: int | None = None) -> dict:
     """One load through `vllm bench serve` (bench.serve_throughput.run_load: vLLM's own bench
     code, in this process): random prompts of input_len tokens, output_len tokens each
     (ignore_eos), `models` round-robin (the base model's name alone: no adapter)."""
     from bench.serve_throughput import Load, run_load
 
-    load = Load(num_prompts=max(args.min_prompts, args.waves * concurrency),
+    load = Load(num_prompts=max(args.min_prompts, (waves or args.waves) * concurrency),
                 max_concurrency=concurrency, input_len=args.input_len, output_len=args.output_len)
     name = f"{models[0] if len(models) == 1 else len(models)}-c{concurrency}"
     result = work / "bench-serve" / f"{kernels}-{name}.json"
@@ -286,11 +287,42 @@ CASES = {"base model": ["base"], "1 adapter": ["a"], "8 adapters": list(ADAPTERS
 LOAD_ORDER = (("base model", 16), ("8 adapters", 16), ("base model", 64), ("8 adapters", 64),
               ("1 adapter", 16), ("1 adapter", 64), ("base model", 1), ("8 adapters", 1),
               ("1 adapter", 1))
+TARGET_PAIRS = (16, 64)  # concurrencies whose (base model, 8 adapters) pair the targets read
 
 
 def serve_loads() -> list[tuple[str, list[str], int]]:
     return [(case, CASES[case], concurrency) for case, concurrency in LOAD_ORDER
             if concurrency in CONCURRENCY]
+
+
+def serve_plan(repeats: int) -> list[tuple[str, list[str], int, int]]:
+    """(case, models, concurrency, repeat) in run order: at each target concurrency the base
+    model and 8 adapters take turns, `repeats` times, so a drift in the GPU's or the host's
+    speed over the minutes of a run reaches both sides of each pair (the first H200 runs
+    ran each load's repeats back to back: the base model alone varied 3,099-4,873 tok/s
+    between runs); then the other loads once each."""
+    loads = serve_loads()
+    plan = [(case, models, c, r) for c in TARGET_PAIRS for r in range(repeats)
+            for case, models, cc in loads if cc == c and case in ("base model", "8 adapters")]
+    done = {(case, c) for case, _, c, _ in plan}
+    return plan + [(case, models, c, 0) for case, models, c in loads if (case, c) not in done]
+
+
+def summarize_runs(runs: list[dict]) -> list[dict]:
+    """One row per (kernels, case, concurrency): the median run by throughput, with every
+    repeat's tok/s."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["kernels"], run["case"], run["concurrency"]), []).append(run)
+    rows = []
+    for group in groups.values():
+        ok = sorted((r for r in group if "output_tokens_per_s" in r),
+                    key=lambda r: r["output_tokens_per_s"])
+        row = dict(ok[len(ok) // 2]) if ok else dict(group[0])
+        row.pop("repeat", None)
+        row["repeats_tok_s"] = [r["output_tokens_per_s"] for r in ok]
+        rows.append(row)
+    return rows
 
 
 FIRST_SERVER_SHARE = 0.62  # of the time left, for the first of two servers
@@ -319,8 +351,9 @@ def part_serve(args, work: Path, deadline: float) -> dict:
     out: dict = dict(rows=[], agreement={}, start_s={}, failed={}, skipped_for_time=[])
     agree_prompts = _prompts(16, 64, vocab, seed=1)
     tokens: dict[str, list] = {}
-    loads = serve_loads()
+    plan = serve_plan(args.repeats)
     backends = ("vllm", "loramix")
+    runs: list[dict] = []
     for i, kernels in enumerate(backends):
         until = backend_deadline(time.monotonic(), deadline, len(backends) - i)
         t0 = time.perf_counter()
@@ -334,26 +367,27 @@ def part_serve(args, work: Path, deadline: float) -> dict:
             out["start_s"][kernels] = time.perf_counter() - t0
             log(f"{kernels} server ready in {out['start_s'][kernels]:.0f} s")
             tokens[kernels] = asyncio.run(greedy(server.url, ["base", "a", "h"], agree_prompts, 16))
+            # not measured: the first load of a fresh server meets first-time costs (JIT
+            # caches, allocator growth) that no later load pays
+            bench_load(server, work, kernels, CASES["8 adapters"], max(TARGET_PAIRS), args, waves=1)
             done = []
-            for case, models, concurrency in loads:
+            for case, models, concurrency, repeat in plan:
                 if time.monotonic() > until:
-                    out["skipped_for_time"].append([kernels, case, concurrency])
+                    out["skipped_for_time"].append([kernels, case, concurrency, repeat])
                     continue
                 try:
-                    runs = [bench_load(server, work, kernels, models, concurrency, args)
-                            for _ in range(args.repeats)]
-                    runs.sort(key=lambda r: r["output_tokens_per_s"])
-                    row = dict(runs[len(runs) // 2],  # the median run by throughput
-                               repeats_tok_s=[r["output_tokens_per_s"] for r in runs])
+                    run = bench_load(server, work, kernels, models, concurrency, args)
                 except (Exception, SystemExit) as exc:  # one load's failure is a result too
-                    row = dict(concurrency=concurrency, error=f"{type(exc).__name__}: {exc}")
-                row.update(kernels=kernels, case=case)
-                out["rows"].append(row)
-                done.append((case, models, concurrency))
-                log(json.dumps(row))
-            loads = done  # the next backend runs the same loads, so rows pair up
+                    run = dict(concurrency=concurrency, error=f"{type(exc).__name__}: {exc}")
+                run.update(kernels=kernels, case=case, repeat=repeat)
+                runs.append(run)
+                done.append((case, models, concurrency, repeat))
+                log(json.dumps(run))
+            plan = done  # the next backend runs the same loads, so runs pair up
         finally:
             server.stop()
+    out["runs"] = runs
+    out["rows"] = summarize_runs(runs)
     if len(tokens) == 2:
         pairs = list(zip(tokens["vllm"], tokens["loramix"]))
         out["agreement"] = dict(
@@ -361,7 +395,7 @@ def part_serve(args, work: Path, deadline: float) -> dict:
             whole_sequence=sum(a == b for a, b in pairs) / len(pairs),
             base_model_whole_sequence=sum(a == b for a, b in pairs[:16]) / 16)
         log("agreement", out["agreement"])
-    out["lora_overhead"] = _overheads(out["rows"])
+    out["lora_overhead"] = _overheads(runs)
     out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in backends}
     return out
 
@@ -381,22 +415,26 @@ def _wrapper_lines(path: Path) -> list[str]:
     return [line[-200:] for line in lines if "loramix LoRA kernels:" in line or "loramix punica:" in line]
 
 
-def _overheads(rows: list[dict]) -> list[dict]:
-    """1 - tok/s(case) / tok/s(base model) per backend, and how much loramix cuts vLLM's."""
-    tps = {(r["kernels"], r["case"], r["concurrency"]): r["output_tokens_per_s"] for r in rows
-           if "output_tokens_per_s" in r}
+def _overheads(runs: list[dict]) -> list[dict]:
+    """Per load and backend, the LoRA overhead 1 - tok/s(case) / tok/s(base model), paired
+    repeat by repeat (each run beside the base-model run it took turns with) and the median
+    kept; and how much loramix's cuts vLLM's."""
+    tps = {(r["kernels"], r["case"], r["concurrency"], r.get("repeat", 0)): r["output_tokens_per_s"]
+           for r in runs if "output_tokens_per_s" in r}
+
+    def overhead(kernels, case, concurrency):
+        paired = [1 - value / tps[(k, "base model", c, r)] for (k, cs, c, r), value in tps.items()
+                  if (k, cs, c) == (kernels, case, concurrency) and (k, "base model", c, r) in tps]
+        return (statistics.median(paired), paired) if paired else (None, [])
+
     result = []
-    for (kernels, case, concurrency), value in sorted(tps.items()):
-        base = tps.get((kernels, "base model", concurrency))
-        if kernels != "loramix" or case == "base model" or base is None:
+    for case, concurrency in sorted({(c, n) for (_, c, n, _) in tps if c != "base model"}):
+        (ours, ours_all), (vllm, vllm_all) = (overhead(k, case, concurrency) for k in ("loramix", "vllm"))
+        if ours is None or vllm is None:
             continue
-        vllm, vllm_base = tps.get(("vllm", case, concurrency)), tps.get(("vllm", "base model", concurrency))
-        if vllm is None or vllm_base is None:
-            continue
-        ours_overhead, vllm_overhead = 1 - value / base, 1 - vllm / vllm_base
-        result.append(dict(case=case, concurrency=concurrency, loramix_overhead=ours_overhead,
-                           vllm_overhead=vllm_overhead,
-                           overhead_cut=1 - ours_overhead / vllm_overhead if vllm_overhead > 0 else None))
+        result.append(dict(case=case, concurrency=concurrency, loramix_overhead=ours,
+                           vllm_overhead=vllm, loramix_overheads=ours_all, vllm_overheads=vllm_all,
+                           overhead_cut=1 - ours / vllm if vllm > 0 else None))
     return result
 
 
@@ -417,8 +455,9 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--min-prompts", type=int, default=16)
-    parser.add_argument("--waves", type=int, default=8, help="prompts per load = waves x concurrency")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each load; the median is kept")
+    parser.add_argument("--waves", type=int, default=16, help="prompts per load = waves x concurrency")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each target load, base model and 8 adapters taking turns")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)

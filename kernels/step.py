@@ -21,6 +21,9 @@ token -1); the unused tiles' start positions are 0 (build_meta's are never read)
 
 from __future__ import annotations
 
+import itertools
+from array import array
+
 import numpy as np
 import torch
 
@@ -146,12 +149,9 @@ class StepMeta:
         this step's and the mirror's last extent (past it, the mirror holds the pattern of a
         step without tokens, as it was packed). The whole mirror is copied, so a device
         refill in between (build_meta) leaves nothing stale."""
-        n, num_slots = ids.size, self.num_slots
-        key = np.where(ids < 0, num_slots, ids)
-        order = np.argsort(key, kind="stable").astype(np.int32)
-        slot_len = np.bincount(key, minlength=num_slots + 1)[:num_slots].astype(np.int32)
-        slot_end = np.cumsum(slot_len, dtype=np.int32)
-        slot_start = slot_end - slot_len
+        n = ids.size
+        group = self._group_lists if n <= self.list_max_tokens else self._group_arrays
+        order, slot_len, slot_start, slot_end, blocks = group(ids)
         self._write(arrays, head, "slot_ids", ids, -1)
         sorted_view = arrays["sorted_tokens"]
         old = head["sorted_tokens"]
@@ -162,22 +162,69 @@ class StepMeta:
         arrays["slot_start"][:] = slot_start
         arrays["slot_len"][:] = slot_len
         arrays["slot_end"][:] = slot_end
-        for block_m in self._block_ms:
-            blocks = (slot_len + block_m - 1) // block_m
-            tiles = int(blocks.sum())
-            tile_slot = np.repeat(np.arange(num_slots, dtype=np.int32), blocks)
-            first = np.repeat(np.cumsum(blocks) - blocks, blocks)
-            tile_start = (slot_start[tile_slot] + (np.arange(tiles) - first) * block_m).astype(np.int32)
+        for block_m, (tile_slot, tile_start, records) in blocks.items():
             if ("tile_slot", block_m) in self._offsets:
                 self._write(arrays, head, ("tile_slot", block_m), tile_slot, -1)
                 self._write(arrays, head, ("tile_start", block_m), tile_start, 0)
             if ("records", block_m) in self._offsets:
-                pos = tile_start[:, None] + np.arange(block_m, dtype=np.int32)
-                valid = pos < slot_end[tile_slot][:, None]
-                rows = np.full((tiles, block_m + RECORD_EXTRA), -1, dtype=np.int32)
-                rows[:, :block_m] = np.where(valid, order[np.minimum(pos, max(n - 1, 0))], -1)
-                rows[:, block_m] = tile_slot
-                self._write(arrays, head, ("records", block_m), rows, -1)
+                self._write(arrays, head, ("records", block_m), records, -1)
+
+    # A decode-sized step groups faster in plain Python lists than through numpy, whose
+    # ~100 calls per step cost more than the work (364 against ~60 us for 16 tokens on the
+    # CI CPU, bench/punica_host.py); a prefill-sized one faster in numpy.
+    list_max_tokens = 256
+
+    def _group_lists(self, ids: np.ndarray):
+        """_group_arrays' grouping, computed with Python lists (few tokens)."""
+        num_slots = self.num_slots
+        buckets: list[list[int]] = [[] for _ in range(num_slots + 1)]  # slot -1 -> the last
+        for token, slot in enumerate(ids.tolist()):
+            buckets[slot].append(token)
+        order = [token for bucket in buckets for token in bucket]
+        slot_len = [len(bucket) for bucket in buckets[:num_slots]]
+        slot_end = list(itertools.accumulate(slot_len))
+        slot_start = [end - length for end, length in zip(slot_end, slot_len)]
+        blocks = {}
+        for block_m in self._block_ms:
+            tile_slot: list[int] = []
+            tile_start: list[int] = []
+            tokens: list[int] = []  # each slot's tokens, padded with -1 to whole tiles
+            for slot, bucket in enumerate(buckets[:num_slots]):
+                if bucket:
+                    count = -(-len(bucket) // block_m)
+                    tile_slot += [slot] * count
+                    tile_start += range(slot_start[slot], slot_start[slot] + count * block_m, block_m)
+                    tokens += bucket
+                    tokens += [-1] * (count * block_m - len(bucket))
+            rows = np.full((len(tile_slot), block_m + RECORD_EXTRA), -1, dtype=np.int32)
+            rows[:, :block_m] = np.frombuffer(array("i", tokens), dtype=np.int32).reshape(-1, block_m)
+            rows[:, block_m] = tile_slot
+            blocks[block_m] = (tile_slot, tile_start, rows)
+        return order, slot_len, slot_start, slot_end, blocks
+
+    def _group_arrays(self, ids: np.ndarray):
+        """The step's grouping: token order by slot (slot -1 last), per-slot length, start
+        and end, and per block size its tiles (slot, start) and records."""
+        n, num_slots = ids.size, self.num_slots
+        key = np.where(ids < 0, num_slots, ids)
+        order = np.argsort(key, kind="stable").astype(np.int32)
+        slot_len = np.bincount(key, minlength=num_slots + 1)[:num_slots].astype(np.int32)
+        slot_end = np.cumsum(slot_len, dtype=np.int32)
+        slot_start = slot_end - slot_len
+        blocks = {}
+        for block_m in self._block_ms:
+            counts = (slot_len + block_m - 1) // block_m
+            tiles = int(counts.sum())
+            tile_slot = np.repeat(np.arange(num_slots, dtype=np.int32), counts)
+            first = np.repeat(np.cumsum(counts) - counts, counts)
+            tile_start = (slot_start[tile_slot] + (np.arange(tiles) - first) * block_m).astype(np.int32)
+            pos = tile_start[:, None] + np.arange(block_m, dtype=np.int32)
+            valid = pos < slot_end[tile_slot][:, None]
+            rows = np.full((tiles, block_m + RECORD_EXTRA), -1, dtype=np.int32)
+            rows[:, :block_m] = np.where(valid, order[np.minimum(pos, max(n - 1, 0))], -1)
+            rows[:, block_m] = tile_slot
+            blocks[block_m] = (tile_slot, tile_start, rows)
+        return order, slot_len, slot_start, slot_end, blocks
 
     @staticmethod
     def _write(arrays: dict, head: dict, key, values: np.ndarray, empty: int) -> None:

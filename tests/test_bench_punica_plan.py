@@ -15,6 +15,39 @@ def test_serve_loads_put_the_targets_first_and_cover_the_grid():
     assert dict((case, models) for case, models, _ in loads)["8 adapters"] == list("abcdefgh")
 
 
+def test_serve_plan_alternates_the_target_pairs_then_runs_the_rest_once():
+    plan = punica_gpu.serve_plan(repeats=3)
+    head = [(case, c, r) for case, _, c, r in plan[:12]]
+    assert head == [(case, c, r) for c in (16, 64) for r in range(3)
+                    for case in ("base model", "8 adapters")]
+    rest = [(case, c) for case, _, c, r in plan[12:]]
+    assert rest == [(case, c) for case, c in punica_gpu.LOAD_ORDER
+                    if c in punica_gpu.CONCURRENCY and (case, c) not in {(x, y) for x, y, _ in head}]
+    assert all(r == 0 for *_, r in plan[12:])
+
+
+def test_overheads_pair_each_run_with_the_base_model_run_beside_it():
+    def run(kernels, case, repeat, tok_s):
+        return dict(kernels=kernels, case=case, concurrency=16, repeat=repeat,
+                    output_tokens_per_s=tok_s)
+
+    # vLLM: the GPU slows down over the run; paired, the overhead is 20 % each time
+    runs = [run("vllm", "base model", 0, 1000), run("vllm", "8 adapters", 0, 800),
+            run("vllm", "base model", 1, 500), run("vllm", "8 adapters", 1, 400),
+            run("vllm", "base model", 2, 750), run("vllm", "8 adapters", 2, 600),
+            run("loramix", "base model", 0, 1000), run("loramix", "8 adapters", 0, 900),
+            run("loramix", "base model", 1, 1000), run("loramix", "8 adapters", 1, 880),
+            dict(kernels="loramix", case="8 adapters", concurrency=16, repeat=2, error="x")]
+    (row,) = punica_gpu._overheads(runs)
+    assert abs(row["vllm_overhead"] - 0.2) < 1e-12 and len(row["vllm_overheads"]) == 3
+    assert abs(row["loramix_overhead"] - 0.11) < 1e-12  # median of 0.10 and 0.12
+    assert abs(row["overhead_cut"] - (1 - 0.11 / 0.2)) < 1e-12
+    rows = {(r["kernels"], r["case"]): r for r in punica_gpu.summarize_runs(runs)}
+    assert rows[("vllm", "base model")]["output_tokens_per_s"] == 750
+    assert rows[("vllm", "base model")]["repeats_tok_s"] == [500, 750, 1000]
+    assert rows[("loramix", "8 adapters")]["repeats_tok_s"] == [880, 900]
+
+
 def test_the_cold_first_server_gets_the_larger_share():
     first = punica_gpu.backend_deadline(100.0, 500.0, backends_left=2)
     assert first == 100.0 + 400.0 * punica_gpu.FIRST_SERVER_SHARE

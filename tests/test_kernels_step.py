@@ -105,13 +105,16 @@ def _meaningful(meta, step):
     return out
 
 
+@pytest.mark.parametrize("grouping", ["lists", "arrays"])
 @pytest.mark.parametrize("seed", range(6))
-def test_host_grouping_equals_build_meta_step_after_step(seed):
+def test_host_grouping_equals_build_meta_step_after_step(seed, grouping):
     """Slot ids given as host data are grouped on the host (one copy per step); over a run of
     steps that grow, shrink, empty and fill the buffers, what the kernels read equals
-    build_meta's grouping of the same ids, and the addresses never move."""
+    build_meta's grouping of the same ids, and the addresses never move. Both host
+    groupings: Python lists (decode-sized steps) and numpy (larger ones)."""
     gen = torch.Generator().manual_seed(seed)
     host_step, device_step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE), StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
+    host_step.list_max_tokens = MAX_TOKENS if grouping == "lists" else -1
     addresses = [t.data_ptr() for _, t in host_step._entries()]
     previous = None
     for n in (13, 48, 48, 0, 5, 5, 31, 1, 48, 2):

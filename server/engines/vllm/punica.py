@@ -18,6 +18,12 @@ step's first logits call: vLLM 0.26-0.32 put no LoRA on the logits, so most step
 launches therefore read the same tensors in every step and every graph replay; plans and
 workspaces are made once per signature (kernels.add_lora_slices_planned).
 
+vLLM's own kernel metadata (PunicaWrapperGPU's LoRAKernelMeta.prepare_tensors: ~15 small
+launches and two device -> host syncs per step, as vLLM's wrapper runs it in every
+update_metadata) is prepared only once one of vLLM's kernels asks for it (meta_args, a
+fallback call), from then on every step (_KernelMetaOnDemand): with loramix's kernels
+serving every call, a step does not wait for the GPU to finish the last one.
+
 Dense path (issue 17 item 2): a prefill of >= DENSE_MIN_TOKENS tokens that all belong to one
 adapter runs as two cuBLAS matmuls (x @ A.T, then y += buf @ B.T), where our segmented
 kernels were slower than vLLM's on wide layers. Whether one adapter covers the step is read
@@ -39,6 +45,7 @@ one opaque call, as it sees vLLM's own `vllm::lora_shrink` / `lora_expand`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -140,6 +147,9 @@ class _LoramixPunica:
         self._joined_a = _JoinedA()
         self._sampler_stale = True
         self.calls: collections.Counter[str] = collections.Counter()
+        for name in ("token_mapping_meta", "prompt_mapping_meta"):  # PunicaWrapperGPU's
+            if hasattr(self, name):
+                setattr(self, name, _KernelMetaOnDemand(getattr(self, name)))
         self.wrapper_id = next(_NEXT_ID)
         _WRAPPERS[self.wrapper_id] = self
 
@@ -355,6 +365,57 @@ class _LoramixPunica:
     def _dense_applies(self, x: torch.Tensor) -> bool:
         return (self.dense_slot is not None and x.shape[0] >= DENSE_MIN_TOKENS
                 and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+class _KernelMetaOnDemand:
+    """vLLM's LoRAKernelMeta (its kernels' per-step metadata), prepared when vLLM's kernels
+    first ask for it in a step (meta_args) instead of in every update_metadata. Its
+    prepare_tensors runs ~15 small ops and reads two results back to the host (vLLM marks it
+    "TODO avoid gpu<->cpu sync"), so each step would wait for the GPU; with loramix's kernels
+    serving every call, nothing asks. Once a fallback call has asked (vLLM's profile run
+    calls every LoRA layer eagerly, before any graph is captured), every later step prepares
+    it in update_metadata again, as vLLM does, so captured graphs of vLLM's kernels read
+    fresh metadata. Everything else is the wrapped meta's."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        self.pending: torch.Tensor | None = None  # this step's mapping, not prepared yet
+        self.wanted = False  # a vLLM kernel has read the metadata: prepare every step
+
+    def prepare_tensors(self, token_lora_mapping: torch.Tensor) -> None:
+        if self.wanted:
+            self.pending = None
+            self.meta.prepare_tensors(token_lora_mapping)
+        else:
+            self.pending = token_lora_mapping  # a view of vLLM's buffer, valid for the step
+
+    def meta_args(self, *args, **kwargs):
+        self.wanted = True
+        if self.pending is not None:
+            mapping, self.pending = self.pending, None
+            if mapping.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "vLLM's LoRA kernels first ran inside a CUDA graph capture, where their "
+                    "metadata cannot be prepared (it reads back from the GPU); run with "
+                    "--lora-kernels vllm")
+            with _sync_allowed():
+                self.meta.prepare_tensors(mapping)
+        return self.meta.meta_args(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # only for names not set on this object
+        if name == "meta":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.meta, name)
+
+
+def _sync_allowed():
+    """vLLM's gpu_sync_allowed() (0.32: its sync debug mode lets prepare_tensors sync), or
+    nothing where vLLM has no such mode (0.26)."""
+    try:
+        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    except ImportError:
+        return contextlib.nullcontext()
+    return gpu_sync_allowed()
 
 
 class _JoinedA:
