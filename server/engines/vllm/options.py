@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from server.engines.settings import VllmSettings
+from server.engines.vllm import punica_plugin
 
 # KV cache reserved on CPU hosts when VLLM_CPU_KVCACHE_SPACE is unset (GiB). vLLM's CPU
 # backend otherwise sizes it from gpu_memory_utilization of the host's whole RAM.
@@ -35,6 +36,9 @@ def engine_args_kwargs(model_dir: Path, settings: VllmSettings, *, is_cpu: bool)
         enable_lora=True,
         disable_log_stats=False,
     )
+    extra = punica_plugin.additional_config(settings.lora_kernels)
+    if extra:  # its own torch.compile cache (punica_plugin.ADDITIONAL_CONFIG_KEY)
+        kwargs["additional_config"] = extra
     if is_cpu:
         kwargs["worker_extension_cls"] = CPU_LORA_FIX_EXTENSION
     elif settings.lora_kernels == "loramix":

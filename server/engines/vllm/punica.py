@@ -45,7 +45,6 @@ one opaque call, as it sees vLLM's own `vllm::lora_shrink` / `lora_expand`.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import os
@@ -57,6 +56,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
 import kernels
+from server.engines.vllm import compat
 from kernels.step import StepMeta
 
 DENSE_MIN_TOKENS = int(os.environ.get("LORAMIX_DENSE_MIN_TOKENS", "1024"))
@@ -146,6 +146,7 @@ class _LoramixPunica:
         self._warmed: dict[tuple, int] = {}  # layer signature -> largest size compiled ahead
         self._joined_a = _JoinedA()
         self._sampler_stale = True
+        self._graph_checked = False  # _check_graph_reaches_op has run
         self.calls: collections.Counter[str] = collections.Counter()
         for name in ("token_mapping_meta", "prompt_mapping_meta"):  # PunicaWrapperGPU's
             if hasattr(self, name):
@@ -154,8 +155,10 @@ class _LoramixPunica:
         _WRAPPERS[self.wrapper_id] = self
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
-        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         token_slots = host_slots(mapping.index_mapping, lora_index_to_id)
+        if not self._graph_checked and token_slots.size and token_slots.max() >= 0:
+            self._check_graph_reaches_op()
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._prompt_slots = host_slots(mapping.prompt_mapping, lora_index_to_id)
         self.no_lora = not (token_slots.size and token_slots.max() >= 0) and not (
             self._prompt_slots.size and self._prompt_slots.max() >= 0)
@@ -165,6 +168,26 @@ class _LoramixPunica:
         self._sampler_stale = True  # refilled by the step's first logits call, if any
         self.dense_slot = (single_slot(token_slots, DENSE_MIN_TOKENS)
                            if self.backend == "triton" else None)
+
+    def _check_graph_reaches_op(self) -> None:
+        """At the first step with adapter tokens: vLLM has run the model before it (its
+        profile run, its graph captures), so a LoRA linear layer has called loramix's op by
+        now, unless the model vLLM runs was compiled around another wrapper's kernels (a
+        compile cache made with vLLM's kernels: punica_plugin.ADDITIONAL_CONFIG_KEY keeps
+        them apart). Those kernels then read vLLM's metadata straight from the compiled
+        graph, so it is prepared every step again, as vLLM's own wrapper does."""
+        self._graph_checked = True
+        if any(key.startswith("linear:") for key in self.calls):
+            return
+        logger.warning(
+            "loramix punica: no LoRA linear layer has reached loramix's kernels before the "
+            "first step with adapters; the model may be compiled around vLLM's kernels (a "
+            "torch.compile cache from a run with --lora-kernels vllm). vLLM's kernel "
+            "metadata is prepared every step from now on, so results stay correct.")
+        for name in ("token_mapping_meta", "prompt_mapping_meta"):
+            meta = getattr(self, name, None)
+            if isinstance(meta, _KernelMetaOnDemand):
+                meta.wanted = True
 
     # vLLM's entry points: each becomes one loramix::punica call.
 
@@ -398,7 +421,7 @@ class _KernelMetaOnDemand:
                     "vLLM's LoRA kernels first ran inside a CUDA graph capture, where their "
                     "metadata cannot be prepared (it reads back from the GPU); run with "
                     "--lora-kernels vllm")
-            with _sync_allowed():
+            with compat.gpu_sync_allowed():
                 self.meta.prepare_tensors(mapping)
         return self.meta.meta_args(*args, **kwargs)
 
@@ -406,16 +429,6 @@ class _KernelMetaOnDemand:
         if name == "meta":  # not set yet (a copy being made): no recursion
             raise AttributeError(name)
         return getattr(self.meta, name)
-
-
-def _sync_allowed():
-    """vLLM's gpu_sync_allowed() (0.32: its sync debug mode lets prepare_tensors sync), or
-    nothing where vLLM has no such mode (0.26)."""
-    try:
-        from vllm.utils.gpu_sync_debug import gpu_sync_allowed
-    except ImportError:
-        return contextlib.nullcontext()
-    return gpu_sync_allowed()
 
 
 class _JoinedA:

@@ -29,6 +29,19 @@ WRAPPERS = {
 }
 
 logger = logging.getLogger("vllm.loramix")  # under vLLM's logger: printed in its processes
+# vLLM keys its torch.compile caches (torch_compile_cache, and the AOT-compiled model it
+# loads without tracing again, on by default with torch >= 2.10) by its config and its own
+# environment variables: not by the punica wrapper. A server with loramix's kernels started
+# after one with vLLM's on the same cache loaded the graph compiled around vLLM's kernels
+# (seen on the H200: the LoRA layers never reached loramix's op). vLLM hashes its
+# `additional_config`, so this entry in it gives each choice its own cache.
+ADDITIONAL_CONFIG_KEY = "loramix_lora_kernels"
+
+
+def additional_config(choice: str) -> dict[str, str]:
+    """vLLM's `additional_config` entry that keeps the compile caches of `choice` apart
+    (none for vLLM's own kernels: their cache stays vLLM's default one)."""
+    return {ADDITIONAL_CONFIG_KEY: choice} if choice == "loramix" else {}
 
 
 def chosen_kernels() -> str:
