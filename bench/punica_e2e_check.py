@@ -52,7 +52,7 @@ def switch(variant: str) -> None:
     if variant == "vllm-meta":
         def eager_init(self, meta, original=_ORIGINALS["__init__"]):
             original(self, meta)
-            self.wanted = True
+            self.asked = True
 
         punica._KernelMetaOnDemand.__init__ = eager_init
     if variant == "no-warm-up":

