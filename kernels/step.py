@@ -27,8 +27,13 @@ from array import array
 import numpy as np
 import torch
 
-from kernels.meta import (RECORD_EXTRA, LoraBatchMeta, LoraBatchMetaPrefix, build_meta,
-                          prefix_meta)
+from kernels.meta import (
+    RECORD_EXTRA,
+    LoraBatchMeta,
+    LoraBatchMetaPrefix,
+    build_meta,
+    prefix_meta,
+)
 
 _FIELDS = ("slot_ids", "sorted_tokens", "slot_start", "slot_len", "slot_end")
 

@@ -155,6 +155,13 @@ class _LoramixPunica:
                 setattr(self, name, _KernelMetaOnDemand(getattr(self, name)))
                 self._deferred.append(getattr(self, name))
         self.wrapper_id = next(_NEXT_ID)
+        if self.backend == "triton" and any(w.backend == "triton" for w in _WRAPPERS.values()):
+            # The compiled model calls loramix::punica with the wrapper id it was traced with;
+            # vLLM may load that compiled model for a later engine of this process (seen on the
+            # H200: the second engine's LoRA layers ran the first one's wrapper and crashed).
+            logger.warning("loramix punica: a second loramix wrapper in one process (pid %d); "
+                           "run one vLLM engine per process with --lora-kernels loramix",
+                           os.getpid())
         _WRAPPERS[self.wrapper_id] = self
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
