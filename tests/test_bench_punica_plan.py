@@ -1,5 +1,5 @@
-"""bench/punica_gpu's serve plan: one server at a time, each over its share of the budget,
-the targets' loads first (the first H200 run lost its serve part to two servers at once)."""
+"""bench/punica_gpu's serve plan: both servers up, the loads interleaved backend by backend,
+the targets' loads first."""
 
 import json
 
@@ -48,11 +48,20 @@ def test_overheads_pair_each_run_with_the_base_model_run_beside_it():
     assert rows[("loramix", "8 adapters")]["repeats_tok_s"] == [880, 900]
 
 
-def test_the_cold_first_server_gets_the_larger_share():
-    first = punica_gpu.backend_deadline(100.0, 500.0, backends_left=2)
-    assert first == 100.0 + 400.0 * punica_gpu.FIRST_SERVER_SHARE
-    assert punica_gpu.backend_deadline(260.0, 500.0, backends_left=1) == 500.0  # early finish
-    assert punica_gpu.backend_deadline(600.0, 500.0, backends_left=1) == 600.0  # past it
+def test_interleave_runs_each_load_on_both_backends_back_to_back_first_one_swapping():
+    plan = punica_gpu.serve_plan(repeats=2)
+    order = punica_gpu.interleave(plan)
+    assert len(order) == 2 * len(plan)
+    assert [(k, case, c, r) for k, case, _, c, r in order[:8]] == [
+        ("vllm", "base model", 16, 0), ("loramix", "base model", 16, 0),
+        ("vllm", "8 adapters", 16, 0), ("loramix", "8 adapters", 16, 0),
+        ("loramix", "base model", 16, 1), ("vllm", "base model", 16, 1),
+        ("loramix", "8 adapters", 16, 1), ("vllm", "8 adapters", 16, 1)]
+    # the pairs: on each backend, the base model run and the adapters' run of one repeat
+    # are as far apart as on the other (two loads in between, or none)
+    for k in punica_gpu.BACKENDS:
+        mine = [(case, c, r) for kk, case, _, c, r in order if kk == k]
+        assert mine == [(case, c, r) for case, _, c, r in plan]
 
 
 def test_kernel_parts_first_then_serve_takes_the_rest():
