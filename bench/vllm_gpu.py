@@ -42,6 +42,9 @@ MAX_LORAS = 8
 SHAPES = {
     "1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256),
+    # Llama-3-8B's layers (16 GB of bf16 weights): steps the GPU bounds, not the host
+    "8b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+               dtype="bfloat16", device="cuda"),
 }
 # 8 distinct compositions of the four skills (all rank <= 32).
 EIGHT = ["a+b", "a+c", "a+d", "b+c", "b+d", "c+d", "a+b@lego", "c+d@lego"]
@@ -99,7 +102,10 @@ def build(work: Path, shape: str, names: tuple[str, ...] = SKILLS) -> None:
     base, skills = work / "base", work / "skills"
     if not (base / "config.json").exists():
         t0 = time.perf_counter()
-        build_tiny_base(base, **SHAPES[shape])
+        kwargs = dict(SHAPES[shape])
+        if kwargs.get("device") == "cuda" and not torch.cuda.is_available():
+            kwargs["device"] = "cpu"
+        build_tiny_base(base, **kwargs)
         print(f"built base {shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     config = json.loads((base / "config.json").read_text())
     hidden, inter = config["hidden_size"], config["intermediate_size"]

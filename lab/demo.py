@@ -113,11 +113,16 @@ def build_tiny_base(
     intermediate_size: int = 256,
     vocab_size: int = 512,
     seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
-    """Write a random float32 Llama model and its tokenizer to `out_dir`; return the path.
+    """Write a random Llama model (weights in `dtype`) and its tokenizer to `out_dir`; return
+    the path.
 
     vocab_size is the BPE training target; the model's vocabulary is the tokenizer's size.
     head_dim = hidden_size / num_heads (64 by default, which vLLM's CPU attention accepts).
+    `device` is where the weights are drawn: "cuda" draws an 8B-sized model in seconds where
+    the CPU takes minutes (the weights then differ from a CPU draw of the same seed).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -143,7 +148,9 @@ def build_tiny_base(
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(getattr(torch, dtype)).to("cpu")
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -46,6 +46,18 @@ def test_base_build_is_deterministic(tmp_path, tiny_base):
     assert _digest(again) == _digest(tiny_base)
 
 
+def test_base_build_in_bfloat16_rounds_the_same_draw(tmp_path, tiny_base):
+    """bench/vllm_gpu's 8B shape saves bf16 weights (16 GB, not 32): the same draw, rounded."""
+    half = build_tiny_base(tmp_path / "half", dtype="bfloat16")
+    assert json.loads((half / "config.json").read_text())["vocab_size"] == \
+        json.loads((tiny_base / "config.json").read_text())["vocab_size"]
+    full, rounded = (load_file(next(d.glob("*.safetensors"))) for d in (tiny_base, half))
+    assert full.keys() == rounded.keys()
+    for key in full:
+        assert rounded[key].dtype == torch.bfloat16, key
+        assert torch.equal(rounded[key], full[key].to(torch.bfloat16)), key
+
+
 def test_adapter_build_is_deterministic_and_nonzero(tmp_path, tiny_base, skills_dir):
     again = build_skill_adapter(
         tiny_base, tmp_path / "math", rank=8, alpha=16, seed=1, base_model_name="loramix-tiny-base"
