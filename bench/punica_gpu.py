@@ -290,6 +290,21 @@ async def greedy(url, models, prompts, max_tokens) -> list[list[str]]:
         return await asyncio.gather(*(one(m, p) for m in models for p in prompts))
 
 
+def agreement(ours: list[list[str]], theirs: list[list[str]], models: list[str]) -> dict:
+    """Greedy agreement of two servers' outputs for the same (model, prompt) list, ordered
+    model by model: first token and whole sequence, overall and per model."""
+    pairs = list(zip(ours, theirs))
+    per = len(pairs) // len(models)
+
+    def rates(group):
+        return dict(first_token=sum(a[:1] == b[:1] for a, b in group) / len(group),
+                    whole_sequence=sum(a == b for a, b in group) / len(group))
+
+    return dict(requests=len(pairs), **rates(pairs),
+                base_model_whole_sequence=rates(pairs[:per])["whole_sequence"],
+                per_model={m: rates(pairs[i * per:(i + 1) * per]) for i, m in enumerate(models)})
+
+
 def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import random
 
@@ -401,14 +416,10 @@ def part_serve(args, work: Path, deadline: float) -> dict:
                      agreement={}, skipped_for_time=[])
     try:
         agree_prompts = _prompts(16, 64, vocab, seed=1)
-        tokens = {k: asyncio.run(greedy(s.url, ["base", "a", "h"], agree_prompts, 16))
-                  for k, s in servers.items()}
+        models = ["base", "a", "h"]
+        tokens = {k: asyncio.run(greedy(s.url, models, agree_prompts, 16)) for k, s in servers.items()}
         if len(tokens) == 2:
-            pairs = list(zip(tokens["vllm"], tokens["loramix"]))
-            out["agreement"] = dict(
-                requests=len(pairs), first_token=sum(a[:1] == b[:1] for a, b in pairs) / len(pairs),
-                whole_sequence=sum(a == b for a, b in pairs) / len(pairs),
-                base_model_whole_sequence=sum(a == b for a, b in pairs[:16]) / 16)
+            out["agreement"] = agreement(tokens["vllm"], tokens["loramix"], models)
             log("agreement", out["agreement"])
         for kernels, server in servers.items():
             # not measured: the first load of a fresh server meets first-time costs (JIT

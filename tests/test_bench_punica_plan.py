@@ -64,6 +64,16 @@ def test_interleave_runs_each_load_on_both_backends_back_to_back_first_one_swapp
         assert mine == [(case, c, r) for case, _, c, r in plan]
 
 
+def test_agreement_overall_and_per_model():
+    ours = [["1", "2"], ["3", "4"], ["5", "6"], ["7", "8"]]
+    theirs = [["1", "2"], ["3", "9"], ["0", "6"], ["7", "8"]]
+    got = punica_gpu.agreement(ours, theirs, ["base", "a"])
+    assert got["requests"] == 4 and got["first_token"] == 0.75 and got["whole_sequence"] == 0.5
+    assert got["base_model_whole_sequence"] == 0.5
+    assert got["per_model"] == {"base": dict(first_token=1.0, whole_sequence=0.5),
+                                "a": dict(first_token=0.5, whole_sequence=0.5)}
+
+
 def test_kernel_parts_first_then_serve_takes_the_rest():
     both = punica_gpu.part_deadlines(0.0, 470.0, ["layers", "serve"], layers_share=0.3)
     assert both == {"layers": 470.0 * 0.3, "serve": 470.0}
