@@ -64,6 +64,19 @@ def test_interleave_runs_each_load_on_both_backends_back_to_back_first_one_swapp
         assert mine == [(case, c, r) for case, _, c, r in plan]
 
 
+def test_cut_verdict_reads_the_target_off_a_bootstrap_interval():
+    vllm = [0.20, 0.21, 0.19, 0.20, 0.22, 0.18]
+    met = punica_gpu.cut_verdict([0.10, 0.11, 0.09, 0.10, 0.12, 0.08], vllm)
+    assert met["target"] == "met" and met["overhead_cut_90"][0] >= 1 / 3
+    assert met["overhead_cut_90"][0] <= 0.5 <= met["overhead_cut_90"][1]
+    short = punica_gpu.cut_verdict([0.18, 0.19, 0.17, 0.18, 0.20, 0.16], vllm)
+    assert short["target"] == "not met" and short["overhead_cut_90"][1] < 1 / 3
+    noisy = punica_gpu.cut_verdict([0.27, -0.17, 0.05], [0.15, 0.30, 0.23])
+    assert noisy["target"] == "undecided"
+    assert punica_gpu.cut_verdict([0.1], vllm) == dict(overhead_cut_90=None, target="undecided")
+    assert punica_gpu.cut_verdict([0.1, 0.1], [-0.1, 0.0])["target"] == "undecided"
+
+
 def test_agreement_overall_and_per_model():
     ours = [["1", "2"], ["3", "4"], ["5", "6"], ["7", "8"]]
     theirs = [["1", "2"], ["3", "9"], ["0", "6"], ["7", "8"]]
