@@ -151,6 +151,8 @@ def build_tiny_base(
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model = model.to(getattr(torch, dtype)).to("cpu")
+    if torch.device(device).type == "cuda":  # give the draw's memory back to the servers to come
+        torch.cuda.empty_cache()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
