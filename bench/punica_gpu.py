@@ -413,7 +413,7 @@ def part_serve(args, work: Path, deadline: float) -> dict:
     site = _plugin_site(work)
     servers, start_s, failed = start_servers(args, work, site, deadline)
     out: dict = dict(order="interleaved", start_s=start_s, failed=failed, rows=[], runs=[],
-                     agreement={}, skipped_for_time=[])
+                     lora_overhead=[], agreement={}, skipped_for_time=[])
     try:
         agree_prompts = _prompts(16, 64, vocab, seed=1)
         models = ["base", "a", "h"]
@@ -443,7 +443,6 @@ def part_serve(args, work: Path, deadline: float) -> dict:
     finally:
         for server in servers.values():
             server.stop()
-    out["rows"], out["lora_overhead"] = summarize_runs(out["runs"]), _overheads(out["runs"])
     out["wrapper_log"] = {k: _wrapper_lines(work / f"server-{k}.log") for k in BACKENDS}
     return out
 
