@@ -77,6 +77,45 @@ def test_cut_verdict_reads_the_target_off_a_bootstrap_interval():
     assert punica_gpu.cut_verdict([0.1, 0.1], [-0.1, 0.0])["target"] == "undecided"
 
 
+def test_speed_verdict_reads_paired_samples():
+    ours = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0, 10.1]
+    faster = punica_gpu.speed_verdict(ours, [2 * t for t in ours])
+    assert faster["verdict"] == "faster" and faster["speedup"] == 2.0
+    slower = punica_gpu.speed_verdict(ours, [0.9 * t for t in ours])
+    assert slower["verdict"] == "slower" and slower["speedup_90"][1] < 1.0
+    # drift that falls on both alike cancels in the per-pair ratios
+    drift = [t * (1 + i) for i, t in enumerate(ours)]
+    assert punica_gpu.speed_verdict(drift, [1.05 * t for t in drift])["verdict"] == "faster"
+    tie = punica_gpu.speed_verdict(ours, [10.0, 10.0, 10.1, 9.9, 10.2, 10.0, 9.9, 10.0, 10.0])
+    assert tie["verdict"] == "tie" and tie["speedup_90"][0] < 1.0 < tie["speedup_90"][1]
+
+
+def test_slower_shapes_are_timed_again_and_the_second_timing_decides():
+    rows = [dict(layer="l", tokens=1, pattern="1 adapter", rank=16, path="loramix",
+                 speedup=0.97, verdict="slower", ours_us=1.0, vllm_us=0.97),
+            dict(layer="l", tokens=64, pattern="1 adapter", rank=16, path="loramix",
+                 speedup=0.96, verdict="slower", ours_us=1.0, vllm_us=0.96),
+            dict(layer="l", tokens=1, pattern="8 adapters + base", rank=16, path="none",
+                 speedup=0.9, verdict="slower"),
+            dict(layer="l", tokens=4096, pattern="8 adapters", rank=16, path="loramix",
+                 speedup=1.5, verdict="faster", wall_speedup=1.2, wall_verdict="faster")]
+    again = {1: dict(speedup=1.01, verdict="tie", ours_us=1.0, vllm_us=1.01),
+             64: dict(speedup=0.95, verdict="slower", ours_us=1.0, vllm_us=0.95)}
+    timed = []
+
+    def retime(row, reps):
+        timed.append((row["tokens"], reps))
+        return dict(rel_err=0.0, **again[row["tokens"]])
+
+    assert punica_gpu.recheck_slower(rows, retime) == 2
+    assert timed == [(1, punica_gpu.RECHECK_REPS), (64, punica_gpu.RECHECK_REPS)]
+    assert rows[0]["verdict"] == "tie" and rows[0]["first"]["verdict"] == "slower"
+    got = punica_gpu.never_slower(rows)
+    assert got["never_slower"] == "not met" and [r["tokens"] for r in got["slower_shapes"]] == [64]
+    assert got["no_work_shapes"] == 1 and got["verdict_counts"] == dict(faster=1, tie=1, slower=1)
+    assert punica_gpu.never_slower([rows[0], rows[2], rows[3]])["never_slower"] == "met"
+
+
 def test_agreement_overall_and_per_model():
     ours = [["1", "2"], ["3", "4"], ["5", "6"], ["7", "8"]]
     theirs = [["1", "2"], ["3", "9"], ["0", "6"], ["7", "8"]]
