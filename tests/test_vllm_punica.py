@@ -393,3 +393,19 @@ def test_wrapper_traces_whole_under_torch_compile(backend):
     vllm.add_lora_linear(expected, x, lora_a, lora_b, 1.0, widths)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert ours.calls == {"linear:loramix": 1}
+
+
+def test_joined_a_is_never_stale_when_new_weights_take_freed_memory():
+    """The dense path's joined q/k/v A is keyed by the slices' addresses and version
+    counters. New tensors may be handed the memory of freed ones, version counters fresh
+    at 0: the H200 layer bench, which draws new weights per case, got the previous case's
+    join that way (relative error 1.41). Each entry holds its slices, so their memory is
+    not handed out again while the key is in use."""
+    from server.engines.vllm.punica import _JoinedA
+
+    joined, gen = _JoinedA(), torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lora_as = [torch.randn(4, 8, 64, generator=gen) for _ in range(3)]
+        got = joined.get(lora_as, slot=2)
+        assert torch.equal(got, torch.cat([a[2] for a in lora_as]))
+        del lora_as, got

@@ -460,7 +460,10 @@ class _JoinedA:
     """The A slices of one slot stacked into one [num_slices * R, K] matrix for the dense
     path's single shrink, kept between calls while the slot's weights are unchanged: keyed
     by the slices' addresses and version counters (vLLM loads and clears a slot in place,
-    which bumps them), so the per-call torch.cat of q/k/v is made once per loaded adapter."""
+    which bumps them), so the per-call torch.cat of q/k/v is made once per loaded adapter.
+    Each entry holds the slices it was made from: their memory cannot be freed and handed to
+    new tensors at the same addresses with fresh version counters while the key is in use
+    (the H200 layer bench, whose every case draws new tensors, got a stale join that way)."""
 
     def __init__(self, max_entries: int = 64):
         self.max_entries = max_entries
@@ -470,12 +473,12 @@ class _JoinedA:
         if len(lora_as) == 1:
             return lora_as[0][slot]
         key = (slot, *((a.data_ptr(), a._version) for a in lora_as))
-        joined = self._joined.get(key)
-        if joined is None:
+        entry = self._joined.get(key)
+        if entry is None:
             if len(self._joined) >= self.max_entries:
                 self._joined.clear()
-            joined = self._joined[key] = torch.cat([a[slot] for a in lora_as])
-        return joined
+            entry = self._joined[key] = (torch.cat([a[slot] for a in lora_as]), tuple(lora_as))
+        return entry[0]
 
 
 def _dense_lora(y, x, lora_as, lora_bs, scale, slot: int, num_tokens: int,
