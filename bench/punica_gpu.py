@@ -167,6 +167,23 @@ def time_pair(fns, num_tokens: int, device: str, reps: int = 21) -> dict:
                 **_timed("wall_", _eager_pair_samples(fns, device, reps), reps))
 
 
+def _exact_delta(x, lora_a, lora_b, ids: list[int], widths) -> "torch.Tensor":
+    """The LoRA delta in float64 (lora id k in slot k - 1, id 0: none): what both wrappers'
+    bf16 results are measured against, so a difference between them can be told apart from
+    either one's rounding."""
+    import torch
+
+    delta = torch.zeros(x.shape[0], sum(widths), dtype=torch.float64, device=x.device)
+    mapping = torch.tensor(ids, device=x.device)
+    for lora_id in set(ids) - {0}:
+        rows, offset = mapping == lora_id, 0
+        for a, b, width in zip(lora_a, lora_b, widths):
+            shrunk = x[rows].double() @ a[lora_id - 1, 0].double().T
+            delta[rows, offset:offset + width] = shrunk @ b[lora_id - 1, 0].double().T
+            offset += width
+    return delta
+
+
 def layer_case(ours, vllm, layer, num_tokens, pattern, rank, dtype, device, gens, timing,
                reps: int = 21) -> dict:
     import torch
@@ -189,8 +206,12 @@ def layer_case(ours, vllm, layer, num_tokens, pattern, rank, dtype, device, gens
     delta_ours, delta_vllm = (y_ours.double() - y0.double()), (y_vllm.double() - y0.double())
     rel = ((delta_ours - delta_vllm).norm() / delta_vllm.norm().clamp_min(1e-30)).item()
     idle = torch.tensor(ids, device=device) == 0
+    exact = _exact_delta(x, lora_a, lora_b, ids, widths)
+    to_exact = lambda d: ((d - exact).norm() / exact.norm().clamp_min(1e-30)).item()  # noqa: E731
     row = dict(layer=None, tokens=num_tokens, pattern=pattern, rank=rank, path=path,
-               rel_err=rel, idle_rows_untouched=bool(torch.equal(y_ours[idle], y0[idle])))
+               rel_err=rel, rel_err_ours_fp64=to_exact(delta_ours),
+               rel_err_vllm_fp64=to_exact(delta_vllm),
+               idle_rows_untouched=bool(torch.equal(y_ours[idle], y0[idle])))
     if timing:
         y = y0.clone()
         fns = (lambda: ours.add_lora_linear(y, x, lora_a, lora_b, 1.0, widths),
@@ -236,6 +257,8 @@ def part_layers(args, deadline: float) -> dict:
         dtype=str(dtype), tolerance=tol, rows=rows, skipped_for_time=skipped,
         all_within_tolerance=all(r["rel_err"] < tol and r["idle_rows_untouched"] for r in ok),
         errors=sum("error" in r for r in rows),
+        max_rel_err_fp64={k: max((r[f"rel_err_{k}_fp64"] for r in ok), default=None)
+                          for k in ("ours", "vllm")},
         geomean_speedup=statistics.geometric_mean([r["speedup"] for r in timed]) if timed else None,
         rechecked=rechecked, **never_slower(timed),
     )
