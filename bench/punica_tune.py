@@ -6,7 +6,7 @@ PunicaWrapperGPU: the down projections (hidden_in 14336) at 16 and 64 tokens wit
 inputs (tokens 2..64, hidden_in >= 8192: the shrink's split-K and K block, or the one-launch
 fused kernel) against vLLM's wrapper on the same inputs, every pattern the plan must serve (a
 captured graph keeps one plan for any adapter mix: 1 adapter, 8, 8 + base rows), and keeps per
-token bucket the candidate whose worst ratio to vLLM is lowest, if it beats the table's own.
+token and rank bucket the candidate whose worst ratio to vLLM is lowest, if it beats the table's own.
 The kept rules are written into the GPU's table (kernels/configs/<gpu>.json) for the rest of
 the run, and into --out, so the layers part that follows times what was kept.
 
@@ -21,18 +21,29 @@ import time
 from pathlib import Path
 
 REGION = dict(min_hidden_in=8192)
-BUCKETS = ((2, 16, 16), (17, 64, 64))  # (min_tokens, max_tokens, tokens timed)
+# (min_tokens, max_tokens, tokens timed, min_rank, max_rank): a rule per token range and rank
+# range (the sixth H200 session: one rule for ranks 16 and 64 left 8b.down at 16 tokens, one
+# rank-64 adapter, 0.99x, with no candidate faster for it)
+BUCKETS = ((2, 16, 16, 1, 16), (2, 16, 16, 17, 64), (17, 64, 64, 1, 16), (17, 64, 64, 17, 64))
 TUNE_LAYERS = ("1b.down", "8b.down")
 MARGIN = 0.01  # a candidate must cut the worst ratio by this much to replace the table's
 
 
-def candidates() -> list[tuple[str, dict]]:
-    """(name, rules to prepend per table key) for one bucket's bounds (filled in later)."""
+def candidates(max_rank: int = 16) -> list[tuple[str, dict]]:
+    """(name, rules to prepend per table key) for one bucket's bounds (filled in later). Above
+    rank 16 the pair's shrink may also split the rank (Launch.block_r 16 or 32: more programs
+    when one adapter's few tiles would leave most of the GPU idle, as vLLM's block_n 16 does)."""
     out = [("table", {})]
     for split_k in (8, 16, 32, 64):
         for block_k in (128, 256):
             out.append((f"pair sk{split_k} bk{block_k}", {"shrink": dict(
                 block_m=16, block_k=block_k, split_k=split_k, num_warps=4, num_stages=3)}))
+    for block_r in (16, 32) if max_rank > 16 else ():
+        for split_k in (8, 16, 32):
+            for block_k in (128, 256):
+                out.append((f"pair sk{split_k} bk{block_k} br{block_r}", {"shrink": dict(
+                    block_m=16, block_k=block_k, split_k=split_k, block_r=block_r,
+                    num_warps=4, num_stages=3)}))
     for split_k in (8, 16, 32):
         for block_k in (128, 256):
             out.append((f"fused sk{split_k} bk{block_k}", {"fused_when": {}, "fused": dict(
@@ -123,15 +134,17 @@ def part_tune(args, deadline: float) -> dict:
     gens = torch.Generator().manual_seed(1), torch.Generator(device="cuda").manual_seed(1)
     rows, chosen, stems = [], {}, []
     try:
-        for lo, hi, num_tokens in BUCKETS:
-            bounds = dict(min_tokens=lo, max_tokens=hi, **REGION)
+        for lo, hi, num_tokens, rank_lo, rank_hi in BUCKETS:
+            bounds = dict(min_tokens=lo, max_tokens=hi, min_rank=rank_lo, max_rank=rank_hi,
+                          **REGION)
+            ranks = [r for r in pg.RANKS if rank_lo <= r <= rank_hi]
             cases = [(layer, rank, pattern, _case(layer, num_tokens, pattern, rank, gens, vllm_wrapper))
-                     for layer in TUNE_LAYERS for rank in pg.RANKS for pattern in pg.PATTERNS]
+                     for layer in TUNE_LAYERS for rank in ranks for pattern in pg.PATTERNS]
             scores = {}
-            for i, (name, rules) in enumerate(candidates()):
+            for i, (name, rules) in enumerate(candidates(rank_hi)):
                 if time.monotonic() > deadline:
                     break
-                stem = f"tune_{lo}_{i}"
+                stem = f"tune_{lo}_{rank_lo}_{i}"
                 (launch.CONFIG_DIR / f"{stem}.json").write_text(
                     json.dumps(with_rules(table, rules, bounds)))
                 stems.append(stem)
@@ -144,9 +157,12 @@ def part_tune(args, deadline: float) -> dict:
                                      pattern=pattern, ours_us=us, vllm_us=case["vllm_us"],
                                      rel_err=rel))
                 scores[name] = (max(ratios), rules)
-                pg.log(f"tune {num_tokens} tokens {name}: worst ratio {max(ratios):.3f}")
+                pg.log(f"tune {num_tokens} tokens rank {rank_lo}-{rank_hi} {name}: "
+                       f"worst ratio {max(ratios):.3f}")
+            if "table" not in scores:
+                continue
             best = pick({name: worst for name, (worst, _) in scores.items()})
-            chosen[f"{lo}-{hi}"] = dict(candidate=best, worst_ratio=scores[best][0],
+            chosen[f"{lo}-{hi} tokens, rank {rank_lo}-{rank_hi}"] = dict(candidate=best, worst_ratio=scores[best][0],
                                         table_worst_ratio=scores["table"][0])
             table = with_rules(table, scores[best][1], bounds)
     finally:

@@ -34,6 +34,7 @@ class Launch:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    block_r: int = 0  # shrink: rank columns per program (0: the whole rank in one program)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,18 @@ def pick_variant(gpu_name: str, num_tokens: int, num_slots: int, rank: int,
 def block_r(rank: int) -> int:
     """Rank padded to a power of two >= 16 (tl.dot's smallest inner size)."""
     return max(16, 1 << (rank - 1).bit_length())
+
+
+def shrink_block_r(cfg: Launch, rank: int) -> int:
+    """Rank columns per shrink program: the whole (padded) rank, or the config's block_r (a
+    power of two >= 16) below it, which gives each tile's K chunk cdiv(rank, block_r)
+    programs: more programs for few tiles (one adapter over a wide K), a re-read of x each."""
+    whole = block_r(rank)
+    if cfg.block_r <= 0:
+        return whole
+    if cfg.block_r < 16 or cfg.block_r & (cfg.block_r - 1):
+        raise ValueError(f"shrink block_r must be a power of two >= 16, got {cfg.block_r}")
+    return min(cfg.block_r, whole)
 
 
 def device_key(device: torch.device) -> tuple[str, int]:

@@ -70,11 +70,11 @@ def _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr, tile,
 
 
 @triton.jit
-def _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo, k_hi, K, R, stride_xm,
+def _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo, k_hi, K, R, r_lo, stride_xm,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_UPCAST: tl.constexpr):
-    """acc[m, r] = sum_{k in [k_lo, k_hi)} x[tokens[m], k] * a[slot, r, k] (float32)."""
-    offs_r = tl.arange(0, BLOCK_R)
+    """acc[m, r] = sum_{k in [k_lo, k_hi)} x[tokens[m], k] * a[slot, r_lo + r, k] (float32)."""
+    offs_r = r_lo + tl.arange(0, BLOCK_R)
     a_base = a_ptr + slot.to(tl.int64) * R * K
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
@@ -141,11 +141,15 @@ def shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, ws_ptr, scale_ptr, scale_val,
                   HAS_SCALE_TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_K: tl.constexpr, DOT_UPCAST: tl.constexpr, RECORDS: tl.constexpr,
                   GDC: tl.constexpr):
-    # x: [T, K]; a_i: [S, R, K]; ws: [split_k, T, num_slices * R] float32 partial sums
+    # x: [T, K]; a_i: [S, R, K]; ws: [split_k, T, num_slices * R] float32 partial sums.
+    # Grid (tiles, split_k * cdiv(R, BLOCK_R), pieces): each program one K chunk of one
+    # BLOCK_R-wide block of rank columns (one block when BLOCK_R covers the rank).
     if GDC:
         tl.extra.cuda.gdc_launch_dependents()  # the expand may start its prologue now
     tile = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    r_blocks = tl.cdiv(R, BLOCK_R)
+    pid_k = tl.program_id(1) // r_blocks
+    r_lo = (tl.program_id(1) % r_blocks) * BLOCK_R
     piece = tl.program_id(2)
     slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
                                       tile, BLOCK_M, RECORDS)
@@ -155,10 +159,10 @@ def shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, ws_ptr, scale_ptr, scale_val,
     k_chunk = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, K)
-    acc = _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo, k_hi, K, R, stride_xm,
+    acc = _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo, k_hi, K, R, r_lo, stride_xm,
                        BLOCK_M, BLOCK_R, BLOCK_K, DOT_UPCAST)
     acc = acc * _scale_of(scale_ptr, scale_val, slot, HAS_SCALE_TENSOR)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = r_lo + tl.arange(0, BLOCK_R)
     ws_ptrs = (ws_ptr + pid_k * stride_ws_split + tokens[:, None] * stride_ws_m
                + (piece * R + offs_r)[None, :])
     tl.store(ws_ptrs, acc, mask=mask_m[:, None] & (offs_r[None, :] < R))
@@ -287,7 +291,7 @@ def fused_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, w
         k_chunk = tl.cdiv(tl.cdiv(K, num_parts), BLOCK_K) * BLOCK_K
         k_lo = part * k_chunk
         acc = _shrink_tile(x_ptr, a_ptr, tokens, mask_m, slot, k_lo,
-                           tl.minimum(k_lo + k_chunk, K), K, R, stride_xm,
+                           tl.minimum(k_lo + k_chunk, K), K, R, 0, stride_xm,
                            BLOCK_M, BLOCK_R, BLOCK_K, DOT_UPCAST)
         acc = acc * _scale_of(scale_ptr, scale_val, slot, HAS_SCALE_TENSOR)
         tl.store(ws_rows + part * stride_ws_split, acc, mask=mask_r)

@@ -109,10 +109,11 @@ def _shrink_step(x, lora_as, has_scale, meta, variant=PLAIN, ws=None) -> _Step:
                          device=x.device)
     cfg = dataclasses.replace(cfg, split_k=ws.shape[0])
     tiles = _tiles(meta, cfg.block_m, variant.records)
-    grid = (_num_tiles(tiles), cfg.split_k, pieces)
+    rank_block = launch.shrink_block_r(cfg, rank)
+    grid = (_num_tiles(tiles), cfg.split_k * triton.cdiv(rank, rank_block), pieces)
     tail = (*tiles, hidden_in, rank, cfg.split_k, x.stride(0), ws.stride(0), ws.stride(1))
     options = dict(HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
-                   BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k,
+                   BLOCK_R=rank_block, BLOCK_K=cfg.block_k,
                    DOT_UPCAST=_dot_upcast(x), RECORDS=variant.records,
                    GDC=bool(_pdl(variant, x.device)),
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)

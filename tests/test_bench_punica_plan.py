@@ -140,21 +140,26 @@ def test_tune_candidates_are_tables_the_launch_rules_read(tmp_path, monkeypatch)
 
     monkeypatch.setattr(launch, "CONFIG_DIR", tmp_path)
     base = {"shrink": [{"block_m": 32, "block_k": 128}], "fused_when": [{"min_tokens": 65}]}
-    bounds = dict(min_tokens=2, max_tokens=16, **punica_tune.REGION)
+    bounds = dict(min_tokens=2, max_tokens=16, min_rank=17, max_rank=64, **punica_tune.REGION)
     seen = set()
-    for i, (name, rules) in enumerate(punica_tune.candidates()):
+    candidates = punica_tune.candidates(max_rank=64)
+    assert len(candidates) > len(punica_tune.candidates(max_rank=16))  # rank blocks above 16
+    for i, (name, rules) in enumerate(candidates):
         (tmp_path / f"c{i}.json").write_text(json.dumps(punica_tune.with_rules(base, rules, bounds)))
         punica_tune.clear_caches()
-        inside = (launch.use_fused(f"c{i}", 16, 8, 16, 14336),
-                  launch.shrink_launch(f"c{i}", 132, 16, 8, 14336, 16, 1))
-        outside = (launch.use_fused(f"c{i}", 16, 8, 16, 4096),
-                   launch.shrink_launch(f"c{i}", 132, 16, 8, 4096, 16, 1))
-        assert outside == (False, launch.shrink_launch("c0", 132, 16, 8, 4096, 16, 1))
+        inside = (launch.use_fused(f"c{i}", 16, 8, 64, 14336),
+                  launch.shrink_launch(f"c{i}", 132, 16, 8, 14336, 64, 1))
+        outside = [(launch.use_fused(f"c{i}", 16, 8, rank, k),
+                    launch.shrink_launch(f"c{i}", 132, 16, 8, k, rank, 1))
+                   for rank, k in ((64, 4096), (16, 14336))]  # narrow input; rank 16
+        assert outside == [(False, launch.shrink_launch("c0", 132, 16, 8, k, rank, 1))
+                           for rank, k in ((64, 4096), (16, 14336))]
         assert inside[0] == name.startswith("fused")
         if name.startswith("pair"):
             assert inside[1].split_k == int(name.split("sk")[1].split()[0])
+            assert inside[1].block_r == (int(name.split("br")[1]) if " br" in name else 0)
         seen.add(inside)
-    assert len(seen) == len(punica_tune.candidates()) - 6 + 1  # fused ones share the shrink
+    assert len(seen) == len(candidates) - 6 + 1  # fused ones share the shrink
     punica_tune.clear_caches()
 
 

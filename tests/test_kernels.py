@@ -174,6 +174,34 @@ def test_split_k_and_n_chunks(monkeypatch, fused, split, hidden_in, widths):
     _check(out, expected, y, slot_ids, torch.float32)
 
 
+@pytest.mark.parametrize("variant", ["plain", "rec+pdl"])
+@pytest.mark.parametrize("rank,block_r,split,pattern", [(48, 16, 3, "mixed"), (40, 32, 2, "mixed"),
+                                                        (64, 16, 4, "one_slot"), (16, 32, 2, "mixed")])
+def test_shrink_rank_blocks(monkeypatch, rank, block_r, split, pattern, variant):
+    """The shrink split over rank columns too (Launch.block_r): each of a tile's K chunks in
+    cdiv(rank, block_r) programs; a block_r at or above the rank is the one-block shrink."""
+    from kernels import launch
+    cfg = launch.Launch(block_m=16, block_k=16, block_n=16, split_k=split, block_r=block_r)
+    for name in ("shrink_launch", "expand_launch"):
+        monkeypatch.setattr(launch, name, lambda *_, c=cfg: c)
+    y, x, lora_as, lora_bs, slot_ids, scaling = _make(21, 80, [40, 24], 4, rank,
+                                                      torch.float32, pattern, rank + split)
+    meta = kernels.build_meta(slot_ids, 4)
+    expected = reference.add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling)
+    out = _triton().add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling,
+                                    meta=meta, fused=False, variant=variant)
+    _check(out, expected, y, slot_ids, torch.float32)
+
+
+def test_shrink_block_r_rule():
+    from kernels import launch
+    assert launch.shrink_block_r(launch.Launch(), 64) == 64
+    assert launch.shrink_block_r(launch.Launch(block_r=16), 64) == 16
+    assert launch.shrink_block_r(launch.Launch(block_r=128), 48) == 64
+    with pytest.raises(ValueError, match="power of two"):
+        launch.shrink_block_r(launch.Launch(block_r=24), 64)
+
+
 def _bits(t):
     return t.view(torch.int16 if t.dtype != torch.float32 else torch.int32)
 
