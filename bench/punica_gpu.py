@@ -20,7 +20,8 @@ order tune, layers, compile, serve:
   prompts, ignore_eos, adapters round-robin) at concurrency 1, 16, 64 for the base model, one
   adapter and 8 adapters, each load run on both servers back to back (interleave): output
   tok/s, TTFT, ITL; greedy first-token and whole-sequence agreement between the two
-  backends; the LoRA overhead against the base model per backend.
+  backends, and of each server with itself (the same requests again: the control); the
+  LoRA overhead against the base model per backend.
 - compile: each backend's server started once and stopped, so vLLM's compile caches (one per
   backend) are there for a serve part in a later call on the same machine:
       python -m bench.punica_gpu --out "$OUT" --parts compile --budget-s 570   # call 1
@@ -520,6 +521,12 @@ def part_serve(args, work: Path, deadline: float) -> dict:
         if len(tokens) == 2:
             out["agreement"] = agreement(tokens["vllm"], tokens["loramix"], models)
             log("agreement", out["agreement"])
+        # the control: each server against itself, the same requests sent again (its batches
+        # form anew), so a bf16 server's own run-to-run parting of greedy sequences is known
+        out["self_agreement"] = {
+            k: agreement(tokens[k], asyncio.run(greedy(s.url, models, agree_prompts, 16)), models)
+            for k, s in servers.items()}
+        log("self agreement", out["self_agreement"])
         for kernels, server in servers.items():
             # not measured: the first load of a fresh server meets first-time costs (JIT
             # caches, allocator growth) that no later load pays
