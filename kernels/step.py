@@ -190,7 +190,16 @@ class StepMeta:
         slot_end = list(itertools.accumulate(slot_len))
         slot_start = [end - length for end, length in zip(slot_end, slot_len)]
         blocks = {}
+        longest = max(slot_len, default=0)
+        one_each = None  # a block size (ascending) at which every slot fits in one tile
         for block_m in self._block_ms:
+            if one_each is not None:  # the same tiles; the records only wider
+                tile_slot, tile_start, narrow = blocks[one_each]
+                rows = np.full((len(tile_slot), block_m + RECORD_EXTRA), -1, dtype=np.int32)
+                rows[:, :one_each] = narrow[:, :one_each]
+                rows[:, block_m:] = narrow[:, one_each:]
+                blocks[block_m] = (tile_slot, tile_start, rows)
+                continue
             tile_slot: list[int] = []
             tile_start: list[int] = []
             tokens: list[int] = []  # each slot's tokens, padded with -1 to whole tiles
@@ -205,6 +214,8 @@ class StepMeta:
             rows[:, :block_m] = np.frombuffer(array("i", tokens), dtype=np.int32).reshape(-1, block_m)
             rows[:, block_m] = tile_slot
             blocks[block_m] = (tile_slot, tile_start, rows)
+            if longest <= block_m:
+                one_each = block_m
         return order, slot_len, slot_start, slot_end, blocks
 
     def _group_arrays(self, ids: np.ndarray):

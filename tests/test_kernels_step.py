@@ -131,6 +131,23 @@ def test_host_grouping_equals_build_meta_step_after_step(seed, grouping):
     assert addresses == [t.data_ptr() for _, t in host_step._entries()]
 
 
+@pytest.mark.parametrize("longest", [1, 15, 16, 17, 25, 32, 33, 40])
+def test_host_grouping_of_a_dominant_slot(longest):
+    """One slot with `longest` tokens beside a few of others: around each block size the
+    tiles change from several per slot to one each (where the list grouping reuses the
+    smaller block size's tiles), and what the kernels read still equals build_meta's."""
+    gen = torch.Generator().manual_seed(longest)
+    others = torch.randint(-1, NUM_SLOTS, (6,), generator=gen, dtype=torch.int32)
+    others[others == 1] = 0
+    ids = torch.cat([torch.full((longest,), 1, dtype=torch.int32), others])
+    ids = ids[torch.randperm(ids.numel(), generator=gen)][:MAX_TOKENS]
+    host_step, device_step = StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE), StepMeta(MAX_TOKENS, NUM_SLOTS, DEVICE)
+    host_step.list_max_tokens = MAX_TOKENS
+    host_step.update(ids.tolist())
+    device_step._update_on_device(ids.to(DEVICE))
+    assert _meaningful(host_step.meta, host_step) == _meaningful(device_step.meta, device_step)
+
+
 def test_host_steps_after_a_device_step_leave_nothing_stale():
     """A step grouped on the device (build_meta) between host steps: the next, shorter host
     step still equals build_meta's grouping (on CPU the buffer is its own host mirror)."""
