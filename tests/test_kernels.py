@@ -182,15 +182,8 @@ def test_shrink_rank_blocks(monkeypatch, rank, block_r, split, pattern, variant)
     cdiv(rank, block_r) programs; a block_r at or above the rank is the one-block shrink."""
     from kernels import launch
     cfg = launch.Launch(block_m=16, block_k=16, block_n=16, split_k=split, block_r=block_r)
-    for name in ("shrink_launch", "expand_launch"):
-        monkeypatch.setattr(launch, name, lambda *_, c=cfg: c)
-    y, x, lora_as, lora_bs, slot_ids, scaling = _make(21, 80, [40, 24], 4, rank,
-                                                      torch.float32, pattern, rank + split)
-    meta = kernels.build_meta(slot_ids, 4)
-    expected = reference.add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling)
-    out = _triton().add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling,
-                                    meta=meta, fused=False, variant=variant)
-    _check(out, expected, y, slot_ids, torch.float32)
+    _check_forced_launch(monkeypatch, cfg, (21, 80, [40, 24], 4, rank, torch.float32, pattern,
+                                            rank + split), fused=False, variant=variant)
 
 
 def test_shrink_block_r_rule():
@@ -284,11 +277,17 @@ def test_variant_slices_and_split_chunks(monkeypatch, fused, variant):
     """Unequal slices (programs past a narrow slice's end) and several K/N chunks per tile."""
     from kernels import launch
     cfg = launch.Launch(block_m=16, block_k=16, block_n=16, split_k=5)
+    _check_forced_launch(monkeypatch, cfg, (21, 48, [40, 24, 8], 4, 8, torch.float32, "mixed", 9),
+                         fused=fused, variant=variant)
+
+
+def _check_forced_launch(monkeypatch, cfg, make_args, fused, variant):
+    """add_lora_slices with every launch config forced to cfg, against the torch twin."""
+    from kernels import launch
     for name in ("fused_launch", "shrink_launch", "expand_launch"):
         monkeypatch.setattr(launch, name, lambda *_, c=cfg: c)
-    y, x, lora_as, lora_bs, slot_ids, scaling = _make(21, 48, [40, 24, 8], 4, 8,
-                                                      torch.float32, "mixed", 9)
-    meta = kernels.build_meta(slot_ids, 4)
+    y, x, lora_as, lora_bs, slot_ids, scaling = _make(*make_args)
+    meta = kernels.build_meta(slot_ids, make_args[3])
     expected = reference.add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling)
     out = _triton().add_lora_slices(y.clone(), x, lora_as, lora_bs, slot_ids, scaling,
                                     meta=meta, fused=fused, variant=variant)
