@@ -168,7 +168,7 @@ def time_pair(fns, num_tokens: int, device: str, reps: int = 21) -> dict:
                 **_timed("wall_", _eager_pair_samples(fns, device, reps), reps))
 
 
-def _exact_delta(x, lora_a, lora_b, ids: list[int], widths) -> "torch.Tensor":
+def _exact_delta(x, lora_a, lora_b, ids: list[int], widths):
     """The LoRA delta in float64 (lora id k in slot k - 1, id 0: none): what both wrappers'
     bf16 results are measured against, so a difference between them can be told apart from
     either one's rounding."""

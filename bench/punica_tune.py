@@ -162,8 +162,8 @@ def part_tune(args, deadline: float) -> dict:
             if "table" not in scores:
                 continue
             best = pick({name: worst for name, (worst, _) in scores.items()})
-            chosen[f"{lo}-{hi} tokens, rank {rank_lo}-{rank_hi}"] = dict(candidate=best, worst_ratio=scores[best][0],
-                                        table_worst_ratio=scores["table"][0])
+            chosen[f"{lo}-{hi} tokens, rank {rank_lo}-{rank_hi}"] = dict(
+                candidate=best, worst_ratio=scores[best][0], table_worst_ratio=scores["table"][0])
             table = with_rules(table, scores[best][1], bounds)
     finally:
         for stem in stems:
