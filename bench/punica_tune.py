@@ -26,6 +26,8 @@ REGION = dict(min_hidden_in=8192)
 # rank-64 adapter, 0.99x, with no candidate faster for it)
 BUCKETS = ((2, 16, 16, 1, 16), (2, 16, 16, 17, 64), (17, 64, 64, 1, 16), (17, 64, 64, 17, 64))
 TUNE_LAYERS = ("1b.down", "8b.down")
+PAIR = dict(fused=False)  # a pair candidate's fused_when rule: the pair in its bucket, whatever
+# rules an earlier tune left below it (first match decides)
 MARGIN = 0.01  # a candidate must cut the worst ratio by this much to replace the table's
 
 
@@ -36,12 +38,12 @@ def candidates(max_rank: int = 16) -> list[tuple[str, dict]]:
     out = [("table", {})]
     for split_k in (8, 16, 32, 64):
         for block_k in (128, 256):
-            out.append((f"pair sk{split_k} bk{block_k}", {"shrink": dict(
+            out.append((f"pair sk{split_k} bk{block_k}", {"fused_when": PAIR, "shrink": dict(
                 block_m=16, block_k=block_k, split_k=split_k, num_warps=4, num_stages=3)}))
     for block_r in (16, 32) if max_rank > 16 else ():
         for split_k in (8, 16, 32):
             for block_k in (128, 256):
-                out.append((f"pair sk{split_k} bk{block_k} br{block_r}", {"shrink": dict(
+                out.append((f"pair sk{split_k} bk{block_k} br{block_r}", {"fused_when": PAIR, "shrink": dict(
                     block_m=16, block_k=block_k, split_k=split_k, block_r=block_r,
                     num_warps=4, num_stages=3)}))
     for split_k in (8, 16, 32):

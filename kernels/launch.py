@@ -3,7 +3,8 @@
 kernels/configs/<gpu name>.json (spaces -> '_', e.g. NVIDIA_H200.json) holds, per op, rules
 {"max_tokens": 64, "min_rank": 16, ..., "block_n": 128, ...}: the first rule whose
 min_<dim> / max_<dim> bounds all hold overrides the built-in defaults. "fused_when" (rules of
-the same bounds, any match) picks the fused kernel over shrink+expand; its "slots" is
+the same bounds; the first match decides, by its "fused" field, true when absent; no match:
+the pair) picks the fused kernel over shrink+expand; its "slots" is
 min(num_slots, num_tokens), a bound on the active adapters known without a device sync.
 "records_when" / "pdl_when" (same form) switch on the kernel variants of `Variant`; absent,
 the kernels run plain (bench/kernels_notes.md). Nothing is autotuned while serving.
@@ -35,6 +36,8 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
     block_r: int = 0  # shrink: rank columns per program (0: the whole rank in one program)
+    unroll: int = 8  # expand / fused: split-K partials loaded per step before they are summed
+    b_first: int = 0  # expand: load B and y before the partials (1) or after them (0)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ def shrink_block_r(cfg: Launch, rank: int) -> int:
     return min(cfg.block_r, whole)
 
 
+def sum_unroll(cfg: Launch, split_k: int) -> int:
+    """Split-K partials the expand loads per step: the config's unroll, at most split_k rounded
+    up to a power of two (fewer compiled variants; the rest are masked)."""
+    if cfg.unroll < 1:
+        raise ValueError(f"unroll must be >= 1, got {cfg.unroll}")
+    return min(cfg.unroll, 1 << max(0, split_k - 1).bit_length())
+
+
 def device_key(device: torch.device) -> tuple[str, int]:
     """(GPU name, multiprocessor count) of a tensor's device; ('cpu', 132) elsewhere."""
     if device.type != "cuda":
@@ -154,7 +165,7 @@ def use_fused(gpu_name: str, num_tokens: int, num_slots: int, rank: int, hidden_
     rules = table.get("fused_when", [{"max_tokens": FUSED_MAX_TOKENS}])
     shape = dict(tokens=num_tokens, slots=min(num_slots, num_tokens), rank=rank,
                  hidden_in=hidden_in)
-    return any(_matches(rule, shape) for rule in rules)
+    return next((bool(rule.get("fused", True)) for rule in rules if _matches(rule, shape)), False)
 
 
 @functools.cache
@@ -176,7 +187,15 @@ def shrink_launch(gpu_name: str, num_sms: int, num_tokens: int, num_slots: int, 
 
 @functools.cache
 def expand_launch(gpu_name: str, num_tokens: int, hidden_out: int, rank: int) -> Launch:
-    base = Launch(block_m=default_block_m(num_tokens), block_n=128)
+    """At decode (<= 64 tokens) the partials are loaded 8 at a time, at prefill one at a
+    time; B and y are loaded before the partials when B's tile is narrow (rank <= 32), after
+    them at rank 64. Measured inside vLLM on an H200 (bench/RESULTS.md, seventh session):
+    unrolled loads cut decode steps up to 17 % and slowed prefill steps of 8 rank-64
+    adapters up to 20 % (their many programs need the registers); B first cut rank-16
+    prefill steps 5-16 % and slowed rank-64 ones 5-14 % (a 64-row B tile held through the
+    sum)."""
+    base = Launch(block_m=default_block_m(num_tokens), block_n=128,
+                  unroll=8 if num_tokens <= 64 else 1, b_first=int(block_r(rank) <= 32))
     return _override(base, gpu_name, "expand", tokens=num_tokens, hidden_out=hidden_out,
                       rank=rank)
 

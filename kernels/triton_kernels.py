@@ -170,14 +170,25 @@ def shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, ws_ptr, scale_ptr, scale_val,
 
 @triton.jit
 def _sum_partials(ws_ptr, tokens, mask_m, piece, R, split_k, stride_ws_split, stride_ws_m,
-                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The shrink's split-K partials of a tile's rows, summed in float32: [BLOCK_M, BLOCK_R]."""
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, UNROLL: tl.constexpr,
+                  CACHE: tl.constexpr):
+    """The shrink's split-K partials of a tile's rows, summed in float32: [BLOCK_M, BLOCK_R].
+    UNROLL partials are loaded per step, all issued before any is added: a rolled loop waits
+    out one memory round trip per partial."""
     offs_r = tl.arange(0, BLOCK_R)
     ws_ptrs = ws_ptr + tokens[:, None] * stride_ws_m + (piece * R + offs_r)[None, :]
     mask_r = mask_m[:, None] & (offs_r[None, :] < R)
     buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for split in range(split_k):
-        buf += tl.load(ws_ptrs + split * stride_ws_split, mask=mask_r, other=0.0)
+    if UNROLL == 1:
+        for split in range(split_k):
+            buf += tl.load(ws_ptrs + split * stride_ws_split, mask=mask_r, other=0.0,
+                           cache_modifier=CACHE)
+    else:
+        for split in range(0, split_k, UNROLL):
+            for u in tl.static_range(UNROLL):
+                present = (offs_r[None, :] * 0 + split + u) < split_k  # a tensor (interpreter)
+                buf += tl.load(ws_ptrs + (split + u) * stride_ws_split, mask=mask_r & present,
+                               other=0.0, cache_modifier=CACHE)
     return buf
 
 
@@ -187,44 +198,42 @@ def expand_kernel(ws_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, n0, n1, n2, off0, off1,
                   R, split_k, stride_ws_split, stride_ws_m, stride_ym,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_UPCAST: tl.constexpr, RECORDS: tl.constexpr, PDL: tl.constexpr,
-                  GDC: tl.constexpr):
+                  GDC: tl.constexpr, UNROLL: tl.constexpr, B_FIRST: tl.constexpr):
     # ws: [split_k, T, num_slices * R] float32; b_i: [S, N_i, R]; y: [T, width]
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     piece = tl.program_id(2)
     N = _pick(piece, n0, n1, n2)
-    if PDL:
-        _expand_after_shrink(ws_ptr, _pick(piece, b0_ptr, b1_ptr, b2_ptr), y_ptr, N,
-                             _pick(piece, off0, off1, off2), sorted_ptr, tile_slot_ptr,
-                             tile_start_ptr, slot_end_ptr, tile, pid_n, piece, R, split_k,
-                             stride_ws_split, stride_ws_m, stride_ym, BLOCK_M, BLOCK_R,
-                             BLOCK_N, DOT_UPCAST, RECORDS, GDC)
-        return
-    if pid_n * BLOCK_N >= N:
-        return
+    if not PDL:  # with PDL every program must wait for the shrink, idle ones too
+        if pid_n * BLOCK_N >= N:
+            return
     slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
                                       tile, BLOCK_M, RECORDS)
-    if slot < 0:
-        return
-    buf = _sum_partials(ws_ptr, tokens, mask_m, piece, R, split_k, stride_ws_split, stride_ws_m,
-                        BLOCK_M, BLOCK_R)
+    if not PDL:
+        if slot < 0:
+            return
     b_ptr = _pick(piece, b0_ptr, b1_ptr, b2_ptr)
     col_offset = _pick(piece, off0, off1, off2)
-    _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, pid_n * BLOCK_N, N, R, col_offset,
-                 stride_ym, BLOCK_N, BLOCK_R, DOT_UPCAST)
+    if B_FIRST or PDL:
+        _expand_b_first(ws_ptr, b_ptr, y_ptr, N, col_offset, slot, tokens, mask_m, pid_n,
+                        piece, R, split_k, stride_ws_split, stride_ws_m, stride_ym, BLOCK_M,
+                        BLOCK_R, BLOCK_N, DOT_UPCAST, GDC, UNROLL)
+    else:
+        buf = _sum_partials(ws_ptr, tokens, mask_m, piece, R, split_k, stride_ws_split,
+                            stride_ws_m, BLOCK_M, BLOCK_R, UNROLL, "")
+        _expand_tile(y_ptr, b_ptr, buf, tokens, mask_m, slot, pid_n * BLOCK_N, N, R,
+                     col_offset, stride_ym, BLOCK_N, BLOCK_R, DOT_UPCAST)
 
 
 @triton.jit
-def _expand_after_shrink(ws_ptr, b_ptr, y_ptr, N, col_offset, sorted_ptr, tile_slot_ptr,
-                         tile_start_ptr, slot_end_ptr, tile, pid_n, piece, R, split_k,
-                         stride_ws_split, stride_ws_m, stride_ym, BLOCK_M: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                         RECORDS: tl.constexpr, GDC: tl.constexpr):
-    """expand_kernel's PDL body: everything the shrink does not write (tile rows, B, y) is
-    loaded before the grid-dependency wait, the partials after. Every program waits (also
-    idle ones), so the expand never completes before the shrink."""
-    slot, tokens, mask_m = _tile_rows(tile_slot_ptr, tile_start_ptr, slot_end_ptr, sorted_ptr,
-                                      tile, BLOCK_M, RECORDS)
+def _expand_b_first(ws_ptr, b_ptr, y_ptr, N, col_offset, slot, tokens, mask_m, pid_n, piece,
+                    R, split_k, stride_ws_split, stride_ws_m, stride_ym, BLOCK_M: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                    GDC: tl.constexpr, UNROLL: tl.constexpr):
+    """expand_kernel's body with B and y, which the shrink does not write, loaded before the
+    partials: their round trip overlaps the partials' at the cost of registers held through
+    the sum (Launch.b_first). With PDL (GDC) they are loaded before the wait for the shrink,
+    and every program gets here, idle ones too, so the expand never completes before it."""
     n_lo = pid_n * BLOCK_N
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_end = tl.where(slot >= 0, N, 0)  # an unused tile masks everything
@@ -236,7 +245,7 @@ def _expand_after_shrink(ws_ptr, b_ptr, y_ptr, N, col_offset, sorted_ptr, tile_s
         tl.extra.cuda.gdc_wait()  # the shrink's partials are complete and visible
     if (slot >= 0) & (n_lo < N):
         buf = _sum_partials(ws_ptr, tokens, mask_m, piece, R, split_k, stride_ws_split,
-                            stride_ws_m, BLOCK_M, BLOCK_R)
+                            stride_ws_m, BLOCK_M, BLOCK_R, UNROLL, "")
         delta = _delta(buf, bt, DOT_UPCAST)
         tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
 
@@ -270,7 +279,7 @@ def fused_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, w
                  K, R, num_parts, num_tiles, stride_xm, stride_ym, stride_ws_split, stride_ws_m,
                  HAS_SCALE_TENSOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PHASE: tl.constexpr,
-                 DOT_UPCAST: tl.constexpr, RECORDS: tl.constexpr):
+                 DOT_UPCAST: tl.constexpr, RECORDS: tl.constexpr, UNROLL: tl.constexpr):
     # x: [T, K]; a_i: [S, R, K]; b_i: [S, N_i, R]; y: [T, width];
     # ws: [num_parts, T, pieces * R] float32; count: [pieces, max_tiles, 2] int32 (zeros).
     # Grid (num_tiles * num_parts, pieces): the num_parts programs of a tile each shrink one
@@ -298,10 +307,9 @@ def fused_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, b0_ptr, b1_ptr, b2_ptr, y_ptr, w
     if PHASE == 0:
         _tile_barrier(count_ptr + (piece * num_tiles + tile) * 2, num_parts)
     if PHASE != 1:
-        buf = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for p in range(num_parts):
-            buf += tl.load(ws_rows + p * stride_ws_split, mask=mask_r, other=0.0,
-                           cache_modifier=".cg")
+        # .cg: the partials were written by other programs of this launch (not via L1)
+        buf = _sum_partials(ws_ptr, tokens, mask_m, piece, R, num_parts, stride_ws_split,
+                            stride_ws_m, BLOCK_M, BLOCK_R, UNROLL, ".cg")
         N = _pick(piece, n0, n1, n2)
         b_ptr = _pick(piece, b0_ptr, b1_ptr, b2_ptr)
         col_offset = _pick(piece, off0, off1, off2)

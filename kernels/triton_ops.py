@@ -136,6 +136,7 @@ def _expand_step(y, ws, lora_bs, offsets, meta, variant=PLAIN) -> _Step:
     options = dict(BLOCK_M=cfg.block_m, BLOCK_R=launch.block_r(rank), BLOCK_N=cfg.block_n,
                    DOT_UPCAST=any(_dot_upcast(t) for t in lora_bs),
                    RECORDS=variant.records, PDL=variant.pdl, GDC=bool(pdl),
+                   UNROLL=launch.sum_unroll(cfg, ws.shape[0]), B_FIRST=bool(cfg.b_first),
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl)
     return _Step(expand_kernel, grid, (ws,), tail, options)
 
@@ -161,7 +162,8 @@ def _fused_steps(y, x, lora_as, lora_bs, offsets, has_scale, meta, variant=PLAIN
     options = dict(HAS_SCALE_TENSOR=has_scale, BLOCK_M=cfg.block_m,
                    BLOCK_R=launch.block_r(rank), BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
                    DOT_UPCAST=any(_dot_upcast(t) for t in [x, *lora_bs]),
-                   RECORDS=variant.records, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                   RECORDS=variant.records, UNROLL=launch.sum_unroll(cfg, cfg.split_k),
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     # Under the interpreter programs run one after another: a barrier would wait forever.
     phases = (1, 2) if os.environ.get("TRITON_INTERPRET") == "1" else (0,)
     grid = (num_tiles * cfg.split_k, pieces)

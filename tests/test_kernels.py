@@ -4,6 +4,7 @@ On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (set here) on
 shapes. Without triton these tests skip, or FAIL when LORAMIX_REQUIRE_ALL=1.
 """
 
+import json
 import os
 
 import pytest
@@ -195,6 +196,29 @@ def test_shrink_block_r_rule():
         launch.shrink_block_r(launch.Launch(block_r=24), 64)
 
 
+def test_fused_when_first_match_decides(tmp_path, monkeypatch):
+    from kernels import launch
+    monkeypatch.setattr(launch, "CONFIG_DIR", tmp_path)
+    rules = [{"max_tokens": 16, "min_rank": 32, "fused": False}, {"max_tokens": 64}]
+    (tmp_path / "t.json").write_text(json.dumps({"fused_when": rules}))
+    launch.use_fused.cache_clear()
+    launch.tuned_table.cache_clear()
+    try:
+        assert [launch.use_fused("t", tokens, 8, rank, 4096) for tokens, rank in
+                ((8, 64), (8, 16), (32, 64), (128, 16))] == [False, True, True, False]
+    finally:
+        launch.use_fused.cache_clear()
+        launch.tuned_table.cache_clear()
+
+
+def test_sum_unroll_rule():
+    from kernels import launch
+    assert [launch.sum_unroll(launch.Launch(), k) for k in (1, 2, 3, 5, 8, 32)] == [1, 2, 4, 8, 8, 8]
+    assert launch.sum_unroll(launch.Launch(unroll=1), 16) == 1
+    with pytest.raises(ValueError, match="unroll"):
+        launch.sum_unroll(launch.Launch(unroll=0), 4)
+
+
 def _bits(t):
     return t.view(torch.int16 if t.dtype != torch.float32 else torch.int32)
 
@@ -281,6 +305,19 @@ def test_variant_slices_and_split_chunks(monkeypatch, fused, variant):
                          fused=fused, variant=variant)
 
 
+@pytest.mark.parametrize("fused,variant", VARIANT_COMBOS)
+@pytest.mark.parametrize("unroll,split,b_first", [(4, 5, 1), (2, 2, 0), (8, 3, 0), (1, 3, 1)])
+def test_partials_summed_unrolled(monkeypatch, fused, variant, unroll, split, b_first):
+    """Launch.unroll: the expand (or the fused kernel's expand half) loads `unroll` split-K
+    partials per step; a split count that is not a multiple of it masks the missing ones.
+    Launch.b_first: the expand loads B and y before or after the partials."""
+    from kernels import launch
+    cfg = launch.Launch(block_m=16, block_k=16, block_n=16, split_k=split, unroll=unroll,
+                        b_first=b_first)
+    _check_forced_launch(monkeypatch, cfg, (21, 80, [40, 24], 4, 16, torch.float32, "mixed",
+                                            unroll + split), fused=fused, variant=variant)
+
+
 def _check_forced_launch(monkeypatch, cfg, make_args, fused, variant):
     """add_lora_slices with every launch config forced to cfg, against the torch twin."""
     from kernels import launch
@@ -358,11 +395,12 @@ for records in (False, True):
         common = dict(BLOCK_M=16, BLOCK_R=16, DOT_UPCAST=False, RECORDS=records)
         shrink = ptx(tk.shrink_kernel, dict(common, HAS_SCALE_TENSOR=True, BLOCK_K=128,
                                             GDC=pdl), 3)
-        expand = ptx(tk.expand_kernel, dict(common, BLOCK_N=128, PDL=pdl, GDC=pdl), 2)
+        expand = ptx(tk.expand_kernel, dict(common, BLOCK_N=128, PDL=pdl, GDC=pdl,
+                                            UNROLL=4 if records else 1, B_FIRST=records), 2)
         out[f"{records}-{pdl}"] = ["griddepcontrol.launch_dependents" in shrink,
                                    "griddepcontrol.wait" in expand]
     ptx(tk.fused_kernel, dict(common, HAS_SCALE_TENSOR=False, BLOCK_K=128, BLOCK_N=128,
-                              PHASE=0), 2)
+                              PHASE=0, UNROLL=8), 2)
 print(json.dumps(out))
 """
 
